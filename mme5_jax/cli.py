@@ -1,0 +1,40 @@
+"""The `mme5` command. Each subcommand lives in the module that owns its idea; this file only dispatches.
+
+Modules are imported lazily so that `mme5 --help` and light commands do not pay for JAX start-up.
+A command module provides `add_arguments(parser)` and `run(args) -> int | None`.
+"""
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "embed": ("mme5_jax.embedder", "Encode (text, image) items from a JSONL file into L2-normalised embeddings."),
+}
+
+
+def _build_parser(command=None):
+    parser = argparse.ArgumentParser(prog="mme5", description="mmE5 multimodal embeddings in JAX.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is not None and command not in COMMANDS:
+        _build_parser().error(f"unknown command {command!r}; choose from {', '.join(COMMANDS)}")
+    parser = _build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    rc = importlib.import_module(COMMANDS[args.command][0]).run(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
