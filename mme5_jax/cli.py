@@ -9,6 +9,8 @@ import sys
 
 COMMANDS = {
     "embed": ("mme5_jax.embedder", "Encode (text, image) items from a JSONL file into L2-normalised embeddings."),
+    "data": ("mme5_jax.data.cli", "Import released mmE5 parquet data into records, or print a record set's stats."),
+    "demo-data": ("mme5_jax.data.demo", "Write the small deterministic multilingual demo dataset (train/heldout/photos)."),
 }
 
 
