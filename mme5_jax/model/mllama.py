@@ -78,6 +78,7 @@ def model_from_params(cfg: ModelConfig, params: dict, dtype="float32", remat: st
         raise ValueError(f"parameter tree mismatch: missing {missing[:5]}, unknown {unknown[:5]}")
     for path, variable in flat.items():
         value = params[path]
+        value = value if isinstance(value, jax.Array) else jnp.asarray(value)
         if tuple(value.shape) != tuple(variable.shape):
             raise ValueError(f"parameter {'/'.join(map(str, path))}: shape {tuple(value.shape)}, "
                              f"expected {tuple(variable.shape)}")
