@@ -15,6 +15,7 @@ gives bit-identical values several times faster than HF's float64 passes.
 """
 import functools
 import json
+import math
 import os
 from collections.abc import Mapping
 
@@ -31,11 +32,12 @@ BOS_MODES = ("processor", "single")
 
 
 class BadItemError(ValueError):
-    """An input item that cannot be processed; `index` is its position in the batch."""
+    """An input item that cannot be processed; `index` is its position in the batch, `message` the reason."""
 
     def __init__(self, index: int, message: str):
         super().__init__(f"item {index}: {message}")
         self.index = index
+        self.message = message
 
 
 def model_string(text: str, has_image: bool) -> str:
@@ -70,7 +72,7 @@ def convert_to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 @functools.lru_cache(maxsize=16)
@@ -104,8 +106,8 @@ def fit_to_canvas(height: int, width: int, canvas_height: int, canvas_width: int
     scale_height = target_height / height
     scale_width = target_width / width
     if scale_width < scale_height:
-        return min(int(np.floor(height * scale_width)) or 1, target_height), target_width
-    return target_height, min(int(np.floor(width * scale_height)) or 1, target_width)
+        return min(math.floor(height * scale_width) or 1, target_height), target_width
+    return target_height, min(math.floor(width * scale_height) or 1, target_width)
 
 
 def _pixel_lookup_table(do_rescale, rescale_factor, do_normalize, mean, std) -> np.ndarray:
@@ -136,8 +138,7 @@ class MllamaInputProcessor:
 
     def __init__(self, tokenizer, *, tile_size: int, max_image_tiles: int, resample: int, pixel_lookup: np.ndarray,
                  bos: str = "processor", max_length: int = 256, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
-        if bos not in BOS_MODES:
-            raise ValueError(f"bos must be one of {BOS_MODES}, got {bos!r}")
+        _check_bos(bos)
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; Mllama checkpoints use <|finetune_right_pad_id|>")
         self.tokenizer = tokenizer
@@ -159,9 +160,11 @@ class MllamaInputProcessor:
         directory or a converted checkpoint directory. Missing image settings take HF's class defaults."""
         from transformers import PreTrainedTokenizerFast  # the generic fast tokenizer imports no torch
 
+        _check_bos(bos)
         config_path = os.path.join(path, "preprocessor_config.json")
         if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path} not found: the directory must hold the checkpoint's processor files")
+            raise FileNotFoundError(f"{config_path} not found: the directory must hold the checkpoint's processor "
+                                    "files (tokenizer.json, tokenizer_config.json, preprocessor_config.json)")
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
         for key in ("do_resize", "do_pad", "do_convert_rgb"):
@@ -203,13 +206,17 @@ class MllamaInputProcessor:
         """An opened, fully decoded PIL image within the pixel limit. Paths are opened as mmE5's loader did
         (`Image.open`, no EXIF rotation), unlike HF's own string loader."""
         if isinstance(image, (str, os.PathLike)):
-            image = Image.open(image)
-            self._check_pixels(image)
-            image.load()
-        elif isinstance(image, Image.Image):
-            self._check_pixels(image)
-        else:
+            opened = Image.open(image)
+            try:
+                self._check_pixels(opened)
+                opened.load()
+            except BaseException:
+                opened.close()
+                raise
+            return opened
+        if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL image, a path or None, got {type(image).__name__}")
+        self._check_pixels(image)
         return image
 
     def _check_pixels(self, image: Image.Image) -> None:
@@ -243,29 +250,35 @@ class MllamaInputProcessor:
 
     def _tiles_into(self, image: Image.Image, out: np.ndarray) -> tuple[int, int]:
         """Writes the normalised tiles of `image` into zeroed `out` [T_max,3,S,S]; returns the (rows, cols) grid."""
-        image = convert_to_rgb(mme5_min_height(image))
+        image = mme5_min_height(convert_to_rgb(image))
         size = self.tile_size
         rows, cols = optimal_tile_grid(image.height, image.width, self.max_image_tiles, size)
         height, width = fit_to_canvas(image.height, image.width, rows * size, cols * size, size)
-        pixels = np.asarray(image.resize((width, height), resample=self.resample))
+        if image.size != (width, height):
+            image = image.resize((width, height), resample=self.resample)
+        pixels = np.asarray(image)
         for row in range(rows):
             top, bottom = row * size, min((row + 1) * size, height)
             for col in range(cols):
                 left, right = col * size, min((col + 1) * size, width)
                 tile = out[row * cols + col]
                 block = pixels[top:bottom, left:right]
+                block_height, block_width = max(bottom - top, 0), max(right - left, 0)
                 for channel in range(3):
                     lookup = self.pixel_lookup[channel]
-                    tile[channel] = lookup[0]  # zero padding, rescaled and normalised
-                    if block.size:
-                        np.take(lookup, block[:, :, channel], out=tile[channel, : bottom - top, : right - left],
-                                mode="clip")
+                    # HF pads with uint8 zeros before rescaling, so padding becomes lookup[0].
+                    tile[channel, :block_height, block_width:] = lookup[0]
+                    tile[channel, block_height:] = lookup[0]
+                    np.take(lookup, block[:, :, channel], out=tile[channel, :block_height, :block_width], mode="clip")
         return rows, cols
 
     def __call__(self, items: list[dict], pad_to: int | None = None) -> dict[str, np.ndarray]:
         """Model inputs for `{"text": str, "image": None | PIL image | path}` items (text without special
         tokens; `model_string` is applied). Arrays are right-padded to `pad_to` or the longest row; rows
-        without an image get zero pixels, aspect-ratio id 0 and no cross-attention."""
+        without an image get zero pixels, aspect-ratio id 0, no cross-attention and, as in HF's mixed
+        batches, an aspect-ratio mask with only the first tile set. Bad items raise `BadItemError`."""
+        if not items:
+            raise ValueError("items is empty")
         strings, images = [], []
         for index, item in enumerate(items):
             if not isinstance(item, Mapping) or not isinstance(item.get("text"), str):
@@ -306,11 +319,18 @@ class MllamaInputProcessor:
                 except Exception as err:
                     raise BadItemError(index, f"cannot process image {_describe(image)}: {err}") from err
                 out["aspect_ratio_ids"][index, 0] = self.aspect_ratio_id(grid)
+                if self.image_token_id not in ids:
+                    raise BadItemError(index, f"max_length={self.max_length} truncated away the image token")
                 # One image per item: it is seen from its own token to the end of the padded row (HF's rule).
                 start = ids.index(self.image_token_id)
                 out["cross_attention_mask"][index, start:, 0, : grid[0] * grid[1]] = 1
             out["aspect_ratio_mask"][index, 0] = self.aspect_ratio_mask(grid)
         return out
+
+
+def _check_bos(bos: str) -> None:
+    if bos not in BOS_MODES:
+        raise ValueError(f"bos must be one of {BOS_MODES}, got {bos!r}")
 
 
 def _describe(value) -> str:

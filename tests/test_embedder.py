@@ -1,0 +1,155 @@
+"""`Embedder` on raw (text, PIL image) items against HF `MllamaProcessor` + model + mmE5 pooling, with the real
+Llama-3 tokenizer; plus bad input, the CLI and the scanned stack's compile cost."""
+import json
+import os
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from assets import make_processor_dir, multilingual_texts, varied_images
+from hf_reference import hf_embed_items, tiny_hf_model
+from mme5_jax import Embedder
+from mme5_jax.processing import BadItemError, mme5_min_height
+
+TILE = 28
+REAL_TOKENIZER_CONFIG = dict(
+    vision_config=dict(image_size=TILE, patch_size=14, hidden_size=32, intermediate_layers_indices=[0, 2],
+                       vision_output_dim=96, num_hidden_layers=3, num_global_layers=1, attention_heads=4,
+                       intermediate_size=64, max_num_tiles=4),
+    text_config=dict(vocab_size=128256, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, intermediate_size=64, cross_attention_layers=[1, 3],
+                     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 64}),
+    image_token_index=128256,
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny_mllama"))
+    hf = tiny_hf_model(REAL_TOKENIZER_CONFIG)
+    hf.save_pretrained(path)
+    make_processor_dir(path, image_size=TILE, max_image_tiles=4)
+    return path, hf
+
+
+@pytest.fixture(scope="module")
+def embedder(model_dir):
+    return Embedder.from_pretrained(model_dir[0], dtype="float32", batch_size=4)
+
+
+def raw_items():
+    texts = multilingual_texts()
+    images = varied_images()
+    items = [{"text": texts[i % len(texts)], "image": image} for i, (_, image) in enumerate(images)]
+    items += [{"text": "<|image_1|>\nRepresent the given image.\n", "image": images[0][1]}]
+    items += [{"text": text, "image": None} for text in texts]
+    return items
+
+
+def test_raw_input_parity_with_hf_processor_and_model(model_dir, embedder):
+    from transformers import AutoProcessor
+
+    path, hf = model_dir
+    items = raw_items()
+    ours = embedder.encode(items)
+    # mmE5 resizes 1-px-high images to 2 px before the processor; HF's reference gets the same image.
+    reference_items = [dict(item, image=mme5_min_height(item["image"]) if item["image"] is not None else None)
+                       for item in items]
+    ref = hf_embed_items(hf, AutoProcessor.from_pretrained(path), reference_items)
+    cosines = np.sum(ours * ref, axis=1)
+    print(f"raw-input parity: {len(items)} items, min fp32 cosine {cosines.min():.8f}")
+    assert ours.shape == (len(items), 32) and ours.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, rtol=1e-6)
+    assert cosines.min() >= 0.99999, np.argsort(cosines)[:5]
+
+
+def test_embedding_independent_of_batch_neighbours(embedder):
+    items = raw_items()[:10]
+    together = embedder.encode(items)
+    alone = np.concatenate([embedder.encode([item]) for item in items[:3]])
+    np.testing.assert_allclose(together[:3], alone, atol=2e-6)
+
+
+def test_truncation_at_max_length(embedder):
+    long_text = " ".join(["multilingual"] * 400)
+    truncated = embedder.processor.tokenize([long_text])[0]
+    assert len(truncated) == 256
+    a, b = embedder.encode([{"text": long_text, "image": None}, {"text": long_text + " tail", "image": None}])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bad_items_name_their_index(embedder, tmp_path):
+    good = {"text": "fine", "image": None}
+    missing = {"text": "x", "image": str(tmp_path / "nope.jpg")}
+    corrupt_path = tmp_path / "corrupt.jpg"
+    corrupt_path.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    with pytest.raises(BadItemError, match="item 5"):
+        embedder.encode([good] * 5 + [missing])
+    with pytest.raises(BadItemError, match="item 2"):
+        embedder.encode([good, good, {"text": "y", "image": str(corrupt_path)}])
+    with pytest.raises(BadItemError, match="item 1"):
+        embedder.encode([good, ("not", "a dict")])
+    with pytest.raises(BadItemError, match="item 0"):
+        embedder.encode([{"text": "z", "image": 42}])
+
+
+def test_weight_shape_mismatch_names_tensor_and_shapes(model_dir, tmp_path):
+    from mme5_jax.hf_weights import WeightError
+
+    path, _ = model_dir
+    bad = tmp_path / "bad"
+    os.makedirs(bad)
+    for name in os.listdir(path):
+        if name != "config.json":
+            os.symlink(os.path.join(path, name), bad / name)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["text_config"]["intermediate_size"] = 80
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightError, match=r"mlp\.(gate|up|down)_proj\.weight.*\(64, 32\).*\(80, 32\)|"
+                                          r"mlp\.down_proj\.weight.*\(32, 64\).*\(32, 80\)"):
+        Embedder.from_pretrained(str(bad))
+
+
+def test_cli_embed(model_dir, tmp_path):
+    from mme5_jax.cli import main
+
+    path, _ = model_dir
+    Image.new("RGB", (40, 20), (200, 30, 30)).save(tmp_path / "red.png")
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"text": "a red image", "image": "red.png"}\n{"text": "just text", "image": null}\n')
+    out = tmp_path / "emb.npy"
+    assert main(["embed", "--model", path, "--input", str(items), "--output", str(out)]) == 0
+    vectors = np.load(out)
+    ref = Embedder.from_pretrained(path).encode([{"text": "a red image", "image": str(tmp_path / "red.png")},
+                                                 {"text": "just text", "image": None}])
+    np.testing.assert_allclose(vectors, ref, atol=1e-6)
+
+
+def test_scanned_text_stack_compile_cost_is_flat_in_depth():
+    """HLO size and compile time of the text stack at 4 vs 20 layers (same 3-self + 1-cross period)."""
+    from flax import nnx
+
+    from mme5_jax.config import TextConfig
+    from mme5_jax.model.text import TextModel
+
+    stats = {}
+    for layers in (4, 20):
+        cfg = TextConfig(vocab_size=128, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64,
+                         cross_attention_layers=tuple(range(3, layers, 4)))
+        model = TextModel(cfg, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        fn = jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s)(ids, mask))
+        ids = np.ones((2, 16), np.int32)
+        start = time.perf_counter()
+        lowered = fn.lower(state, ids, ids)
+        lowered.compile()
+        stats[layers] = (len(lowered.as_text()), time.perf_counter() - start)
+    print(f"text stack HLO chars / compile s: 4 layers {stats[4]}, 20 layers {stats[20]}")
+    assert stats[20][0] < 1.1 * stats[4][0]
