@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 import yaml
+from flax.core import FrozenDict
 
 ACTIVATION_NAMES = ("gelu", "silu", "gelu_pytorch_tanh")
 DEFAULT_ASPECT_RATIOS = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
@@ -81,9 +82,9 @@ class TextConfig:
     intermediate_size: int = 14336
     rms_norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    rope_scaling: dict | None = field(default_factory=lambda: dict(
+    rope_scaling: FrozenDict | None = FrozenDict(
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=8192))
+        original_max_position_embeddings=8192)
     max_position_embeddings: int = 131072
     cross_attention_layers: tuple = (3, 8, 13, 18, 23, 28, 33, 38)
     bos_token_id: int = 128000
@@ -174,10 +175,11 @@ class ModelConfig:
         text["cross_attention_layers"] = list(t["cross_attention_layers"])
         text["model_type"] = "mllama_text_model"
         if layout == "5":
-            text["rope_parameters"] = dict(rope_type="default", **(t["rope_scaling"] or {}), rope_theta=t["rope_theta"])
+            text["rope_parameters"] = {"rope_type": "default", **dict(t["rope_scaling"] or {}),
+                                       "rope_theta": t["rope_theta"]}
         elif layout == "4.46":
             text["rope_theta"] = t["rope_theta"]
-            text["rope_scaling"] = t["rope_scaling"]
+            text["rope_scaling"] = dict(t["rope_scaling"]) if t["rope_scaling"] else None
         else:
             raise ConfigError(f"unknown config layout {layout!r}; use '4.46', '5' or 'installed'")
         return dict(architectures=["MllamaForConditionalGeneration"], model_type="mllama",
@@ -240,6 +242,8 @@ def _build(cls, d: dict, where: str):
             continue
         if isinstance(v, list):
             v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+        elif isinstance(v, dict):
+            v = FrozenDict(v)  # configs are hashable: jit caches and NNX graph definitions key on them
         kwargs[k] = v
     return cls(**kwargs)
 

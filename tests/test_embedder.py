@@ -153,3 +153,34 @@ def test_scanned_text_stack_compile_cost_is_flat_in_depth():
         stats[layers] = (len(lowered.as_text()), time.perf_counter() - start)
     print(f"text stack HLO chars / compile s: 4 layers {stats[4]}, 20 layers {stats[20]}")
     assert stats[20][0] < 1.1 * stats[4][0]
+
+
+def test_sharded_embedder_matches_single_device(model_dir, embedder):
+    from mme5_jax.sharding import make_mesh
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = Embedder.from_pretrained(model_dir[0], batch_size=4, mesh=mesh)
+    kernel = sharded.model.language_model.blocks.layers.layers[0].mlp.gate_proj.kernel[...]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    items = raw_items()[:6] + raw_items()[-3:]
+    np.testing.assert_allclose(sharded.encode(items), embedder.encode(items), atol=2e-6)
+
+
+def test_transformers_446_key_layout_loads_identically(model_dir, tmp_path):
+    """Released mmE5 checkpoints use the 4.46 on-disk keys (`language_model.model.layers.N...`)."""
+    from safetensors.numpy import load_file, save_file
+
+    from mme5_jax.config import ModelConfig
+    from mme5_jax.hf_weights import canonical_key, installed_key, load_hf_params
+
+    path, _ = model_dir
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    old = {installed_key(canonical_key(k), "4.46"): v for k, v in tensors.items()}
+    assert any(k.startswith("language_model.model.layers.") for k in old) and "language_model.lm_head.weight" in old
+    save_file(old, str(tmp_path / "model.safetensors"))
+    cfg = ModelConfig.from_pretrained(path)
+    cfg.save_pretrained(tmp_path, layout="4.46")
+    new_params = load_hf_params(path, cfg, np.float32, progress=False)
+    old_params = load_hf_params(str(tmp_path), ModelConfig.from_pretrained(tmp_path), np.float32, progress=False)
+    assert new_params.keys() == old_params.keys()
+    assert all(np.array_equal(new_params[k], old_params[k]) for k in new_params)
