@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from hf_reference import (EDGE_LAYERS_CONFIG, GQA_LLAMA3_CONFIG, HF_TEST_CONFIG, hf_forward, random_batch, rel_err,
                           tiny_hf_model)
@@ -38,16 +39,39 @@ def pair(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp(request.param))
     hf.save_pretrained(path)
     cfg = ModelConfig.from_pretrained(path)
-    ours = model_from_params(cfg, load_hf_params(path, cfg, np.float32, progress=False))
-    bf16 = model_from_params(cfg, load_hf_params(path, cfg, jnp.bfloat16, progress=False), "bfloat16")
+    ours = Compiled(model_from_params(cfg, load_hf_params(path, cfg, np.float32, progress=False)))
+    bf16 = Compiled(model_from_params(cfg, load_hf_params(path, cfg, jnp.bfloat16, progress=False), "bfloat16"))
     return request.param, hf, ours, bf16
 
 
-def forward(model, batch, collect=True):
-    arrays = {k: jnp.asarray(v) for k, v in batch.items()}
-    if not batch["has_image"].any():
-        arrays = {k: arrays[k] for k in ("input_ids", "attention_mask")}
-    return jax.jit(lambda a: model(a, collect=collect))(arrays)
+def vision_and_projector(model, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
+    features = model.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+    return features, model.multi_modal_projector(features)
+
+
+class Compiled:
+    """Jitted entry points with the parameters as arguments, compiled once per input shape."""
+
+    def __init__(self, model):
+        graphdef, self.state = nnx.split(model)
+        m = lambda s: nnx.merge(graphdef, s)
+        self._forward = jax.jit(lambda s, a: m(s)(a, collect=True))
+        self._embed = jax.jit(lambda s, a: m(s).embed(a))
+        self._vision = jax.jit(lambda s, *images: vision_and_projector(m(s), *images))
+
+    @staticmethod
+    def inputs(batch):
+        keys = batch.keys() if batch["has_image"].any() else ("input_ids", "attention_mask")
+        return {k: jnp.asarray(batch[k]) for k in keys}
+
+    def forward(self, batch):
+        return self._forward(self.state, self.inputs(batch))
+
+    def embed(self, batch):
+        return np.asarray(self._embed(self.state, self.inputs(batch)))
+
+    def vision(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
+        return self._vision(self.state, pixel_values, aspect_ratio_ids, aspect_ratio_mask)
 
 
 CROSS_LAYERS = {"hf_test": [1], "edge_layers": [0, 3], "gqa_llama3": [3, 8]}
@@ -73,10 +97,8 @@ def test_vision_and_projector_all_aspect_ratios(pair):
         ref = hf.model.vision_model(torch.from_numpy(pv), torch.from_numpy(ar), torch.from_numpy(arm))
         ref = ref.last_hidden_state
         ref_proj = hf.model.multi_modal_projector(ref).numpy()
-    got = jax.jit(lambda p, a, m: ours.vision_model(p, a, m))(pv[:, 0], ar[:, 0], arm[:, 0])
+    got, got_proj = ours.vision(pv[:, 0], ar[:, 0], arm[:, 0])
     note(f"{name} vision", rel_err(got, ref.numpy()[:, 0]))
-    got_proj = jax.jit(lambda p, a, m: ours.multi_modal_projector(ours.vision_model(p, a, m)))(pv[:, 0], ar[:, 0],
-                                                                                                arm[:, 0])
     note(f"{name} projector", rel_err(got_proj, ref_proj[:, 0]))
 
 
@@ -87,11 +109,9 @@ def test_text_hidden_states_and_embeddings(pair, kind):
     lengths = [9, 5, 12, 7]
     image_rows = {"image": {0, 1, 2, 3}, "text": set(), "mixed": {1, 2}}[kind]
     batch = random_batch(hf.config, lengths, image_rows, grids=[(2, 2), (1, 3), (4, 1), (1, 1)], seed=len(kind))
-    final, layers = forward(ours, batch)
+    final, layers = ours.forward(batch)
     emb = np.asarray(pool_last_token(final, jnp.asarray(batch["attention_mask"])))
-    emb16 = np.asarray(jax.jit(bf16.embed)({k: jnp.asarray(v) for k, v in batch.items()}
-                                            if batch["has_image"].any() else
-                                            {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask")}))
+    emb16 = bf16.embed(batch)
     for row in range(len(lengths)):
         hidden, ref_emb = hf_forward(hf, batch, rows=[row])
         text_only = not batch["has_image"][row]
@@ -106,7 +126,7 @@ def test_whole_batch_matches_hf_when_homogeneous(pair):
     """A batch of image samples run together in HF equals ours run together (same padding and masks)."""
     name, hf, ours, _ = pair
     batch = random_batch(hf.config, [8, 4, 6], {0, 1, 2}, grids=[(1, 2), (2, 1), (1, 1)], seed=7)
-    final, layers = forward(ours, batch)
+    final, _ = ours.forward(batch)
     hidden, _ = hf_forward(hf, batch)
     mask = batch["attention_mask"].astype(bool)
     note(f"{name} final norm", rel_err(np.asarray(final)[mask], hidden[-1][mask]))
