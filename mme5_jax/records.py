@@ -28,15 +28,23 @@ _WRITER_OPTIONS = "group_size:1"
 
 
 class RecordError(ValueError):
-    """A record that breaks the schema; the message names the record and the bad field."""
+    """A record that breaks the schema; the message names the record and the bad field.
+
+    `reason` is a short code for counting failures (empty_text, special_token, path_escapes_root,
+    malformed_json, invalid_record).
+    """
+
+    def __init__(self, message, reason="invalid_record"):
+        super().__init__(message)
+        self.reason = reason
 
 
-def _fail(record, index, field, problem):
+def _fail(record, index, field, problem, reason="invalid_record"):
     rid = record.get("id") if isinstance(record, dict) else None
     where = f"record {rid!r}" if isinstance(rid, str) and rid else f"record #{index}" if index is not None else "record"
     if isinstance(rid, str) and rid and index is not None:
         where += f" (#{index})"
-    raise RecordError(f"{where}: field {field!r} {problem}")
+    raise RecordError(f"{where}: field {field!r} {problem}", reason)
 
 
 def check_image_path(path):
@@ -55,10 +63,11 @@ def _check_text(record, index, field, value, required):
     if not isinstance(value, str):
         _fail(record, index, field, f"must be a string, got {type(value).__name__}")
     if required and not value.strip():
-        _fail(record, index, field, "is empty but the modality needs text")
+        _fail(record, index, field, "is empty but the modality needs text", "empty_text")
     token = _SPECIAL_TOKEN.search(value)
     if token:
-        _fail(record, index, field, f"contains the special token {token.group(0)!r}; texts carry no special tokens")
+        _fail(record, index, field, f"contains the special token {token.group(0)!r}; texts carry no special tokens",
+              "special_token")
 
 
 def _check_image(record, index, field, value, required):
@@ -68,7 +77,8 @@ def _check_image(record, index, field, value, required):
         return
     problem = check_image_path(value)
     if problem:
-        _fail(record, index, field, problem)
+        reason = "path_escapes_root" if isinstance(value, str) and value else "invalid_record"
+        _fail(record, index, field, problem, reason)
 
 
 def validate_record(record, index=None):
@@ -120,7 +130,7 @@ def decode_record(data, index=None):
     try:
         record = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RecordError(f"record #{index}: entry is not UTF-8 JSON ({err})") from None
+        raise RecordError(f"record #{index}: entry is not UTF-8 JSON ({err})", "malformed_json") from None
     return validate_record(record, index)
 
 

@@ -37,9 +37,9 @@ def record_set_stats(record_dir, check_images=False):
     }
     if check_images:
         stats["missing_images"] = {"count": len(missing), "first": missing[:10]}
-    if summary:
-        stats["import_summary"] = {k: summary[k] for k in ("rows", "kept", "rows_repaired", "skipped", "repaired")
-                                   if k in summary}
+    imported = {k: summary[k] for k in ("rows", "kept", "rows_repaired", "skipped", "repaired") if k in summary}
+    if imported:
+        stats["import_summary"] = imported
     return stats
 
 

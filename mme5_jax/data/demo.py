@@ -14,7 +14,6 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from mme5_jax.records import ShardWriter
@@ -159,9 +158,9 @@ def caption(scene, language):
     one, plural = words["shape"][scene["shape"]]
     count_word = words["count"][scene["count"]]
     objects = one if scene["count"] == 1 else f"{count_word} {plural}"
+    shape_plural = plural if scene["count"] > 1 else _shape_noun(scene["shape"], language)
     return _CAPTION[language].format(count_word=count_word, objects=objects, colour=words["colour"][scene["colour"]],
-                                     shape_plural=plural if scene["count"] > 1 else _shape_noun(scene["shape"], language),
-                                     position=words["position"][scene["position"]])
+                                     shape_plural=shape_plural, position=words["position"][scene["position"]])
 
 
 def _shape_noun(shape, language):
@@ -247,11 +246,13 @@ class _ImagePool:
 def _scene_record(index, split, rng, pool, task, modality, language):
     scene = {a: rng.choice(v) for a, v in ATTRIBUTES.items()}
     meta = {"scene": scene}
-    qry_image, pos_image = pool.path(scene), None
+    qry_image = None if modality.startswith("T->") else pool.path(scene)
+    pos_image = None
     neg_scenes = one_attribute_negatives(scene, rng)
     if task == "classification":
         if modality == "I->T":
-            qry_text = f"Represent the given image for classification. Answer with a {LANGUAGE_NAMES[language]} label.\n"
+            qry_text = ("Represent the given image for classification. "
+                        f"Answer with a {LANGUAGE_NAMES[language]} label.\n")
             neg_scenes = one_attribute_negatives(scene, rng, ("colour", "shape"))
             pos_text, neg_text = label(scene, language), [label(s, language) for s in neg_scenes]
         else:
@@ -275,7 +276,6 @@ def _scene_record(index, split, rng, pool, task, modality, language):
         pos_text, neg_text = caption(scene, language), [caption(s, language) for s in neg_scenes]
         neg_image = [None] * len(neg_text)
     elif modality in ("T->I", "T->IT"):
-        qry_image = None
         qry_text = f"Find me an image that matches the given caption: {caption(scene, language)}\n"
         pos_image, neg_image = pool.path(scene, 1), [pool.path(s, 1) for s in neg_scenes]
         if modality == "T->I":
@@ -291,9 +291,7 @@ def _scene_record(index, split, rng, pool, task, modality, language):
     else:  # IT->I and IT->IT: an edit instruction in the caption language, like CIRR
         attribute = rng.choice(tuple(ATTRIBUTES))
         target = change_one(scene, rng, (attribute,))
-        edit = _EDIT[language][attribute].format(value=_WORDS[language][attribute][target[attribute]]
-                                                 if attribute != "shape" else
-                                                 attribute_word("shape", target["shape"], language))
+        edit = _EDIT[language][attribute].format(value=attribute_word(attribute, target[attribute], language))
         qry_text = f"Retrieve the image that results from this change to the given image: {edit}\n"
         neg_scenes = [scene] + [s for s in one_attribute_negatives(target, rng) if s != scene][:NUM_NEGATIVES - 1]
         meta = {"scene": target, "source_scene": scene}

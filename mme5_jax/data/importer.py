@@ -13,7 +13,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from mme5_jax.records import RecordError, ShardWriter, check_image_path, validate_record
+from mme5_jax.records import RecordError, ShardWriter, check_image_path
 
 COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path")
 OPTIONAL_COLUMNS = ("task", "modality", "language")
@@ -125,6 +125,8 @@ def parse_list(value, column):
                 value = json.loads(value)
             except (json.JSONDecodeError, RecursionError):
                 raise SkipRow("malformed_negatives", f"{column} is not a list literal") from None
+    if value is None:
+        return []
     if isinstance(value, tuple):
         value = list(value)
     if not isinstance(value, list):
@@ -139,7 +141,8 @@ def _side(text, image):
 
 
 class RowConverter:
-    """Turns one released row into a record, noting repairs; raises SkipRow when it cannot."""
+    """Turns one released row into a record (validated when written), noting repairs; raises SkipRow when it
+    cannot."""
 
     def __init__(self, images, source, task, language):
         self.images, self.source, self.task, self.language = images, source, task, language
@@ -157,17 +160,13 @@ class RowConverter:
         if query_side == "T" and target_side == "T":
             raise SkipRow("text_only_pair", "neither side has an image")
         neg_text, neg_image = self._negatives(row, "I" in target_side, target_side == "T", note_repair)
-        record = {
+        return {
             "id": row_id, "source": self.source, "task": _text(row.get("task")) or self.task,
             "modality": _text(row.get("modality")) or f"{query_side}->{target_side}",
             "language": _text(row.get("language")) or self.language,
             "qry_text": qry_text, "qry_image": qry_image, "pos_text": pos_text, "pos_image": pos_image,
             "neg_text": neg_text, "neg_image": neg_image,
         }
-        try:
-            return validate_record(record)
-        except RecordError as err:
-            raise SkipRow("invalid_record", str(err)) from None
 
     def _image(self, value, role):
         path = _image_path(value)
@@ -248,10 +247,13 @@ def import_parquet(parquet_paths, image_root, out_dir, source=None, task=None, l
                     repairs = []
                     try:
                         record = convert(row, row_id, repairs.append)
+                        writer.write(record)  # validates before writing anything
                     except SkipRow as skip:
                         stats.note("skipped", skip.reason, where, str(skip) if str(skip) != skip.reason else "")
                         continue
-                    writer.write(record)
+                    except RecordError as err:
+                        stats.note("skipped", "invalid_record", where, str(err))
+                        continue
                     stats.kept += 1
                     stats.rows_repaired += bool(repairs)
                     for reason in repairs:

@@ -1,0 +1,412 @@
+"""The Grain input pipeline: record sets in, static-shape (query, positive, k negatives) batches out.
+
+Order of work (DESIGN section 6):
+
+    per record set: ArrayRecord source -> shuffle(seed + i)      (index-level, so it costs nothing)
+    mix by weight -> repeat(num_epochs) -> [process_index::process_count]
+    -> map(decode, load images, Mllama preprocessing)           (in `num_workers` processes)
+    -> count and drop rejected examples -> batch into length buckets
+
+Every example passes through `MllamaInputProcessor`, the same code as the `Embedder`, so training sees exactly
+the inputs inference will. Per-example work never filters inside the `MapDataset`: a bad example becomes a
+`rejected` marker and is dropped after prefetching, by an iterator that keeps counts by reason in its
+checkpointable state. That keeps the element order independent of the number of workers and makes
+"skipped" visible instead of silent.
+
+Workers send only the real image tiles of an example (text-only items and repeated negatives cost nothing);
+the batching step rebuilds the zero-padded `pixel_values`.
+
+A host batch is a dict of numpy arrays: `query` and `positive` hold the processor's arrays [B, ...],
+`negatives` the same with [B, k, ...], plus `negative_mask` [B, k], `source_index` and `record_index` [B].
+`to_global_batch` turns it into `jax.Array`s sharded over the mesh's batch axes.
+"""
+import dataclasses
+import functools
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import grain
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mme5_jax.processing import DEFAULT_MAX_IMAGE_PIXELS, BadItemError, MllamaInputProcessor
+from mme5_jax.records import RecordError, RecordSource, check_image_path, decode_record
+
+log = logging.getLogger(__name__)
+TEXT_KEYS = ("input_ids", "attention_mask", "cross_attention_mask")
+POLICIES = ("skip", "raise")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSet:
+    """A record directory, its mixture weight and its image root (default: from summary.json, else the dir)."""
+
+    path: str
+    weight: float = 1.0
+    image_root: str | None = None
+
+    def open(self):
+        """Random access to the raw entries (bytes of one JSON record each)."""
+        return RecordSource(self.path)
+
+    def resolved_image_root(self):
+        if self.image_root is not None:
+            return str(self.image_root)
+        summary = Path(self.path) / "summary.json"
+        root = json.loads(summary.read_text(encoding="utf-8")).get("image_root", ".") if summary.is_file() else "."
+        return str(Path(self.path) / root)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """`global_batch_size` counts examples over all processes; each process builds its 1/process_count share.
+
+    `read_threads`/`read_buffer_size` bound the read-ahead in each process (main or worker); a buffered
+    example holds the float32 tiles of its images (up to (2 + k) x max_image_tiles of them).
+
+    `bad_input="skip"` drops an example with an unusable record, text or image and counts it by reason;
+    `"raise"` stops with an error naming the record. A bad *negative* is dropped from its list either way
+    (counted), as long as `drop_bad_negatives`; the list is then padded by repeating its last entry.
+    """
+
+    processor_dir: str
+    global_batch_size: int
+    num_negatives: int = 3
+    max_length: int = 256
+    length_buckets: tuple = (32, 64, 128, 256)
+    bos: str = "processor"
+    seed: int = 0
+    num_epochs: int | None = 1
+    num_workers: int = 0
+    worker_buffer_size: int = 2
+    read_threads: int = 2
+    read_buffer_size: int = 8
+    bad_input: str = "skip"
+    drop_bad_negatives: bool = True
+    max_text_chars: int = 20000
+    max_image_pixels: int | None = None
+
+    def buckets(self):
+        """Sorted bucket lengths, capped by and ending with `max_length`."""
+        return tuple(sorted({b for b in self.length_buckets if b < self.max_length} | {self.max_length}))
+
+
+class BadExampleError(ValueError):
+    """Raised under `bad_input="raise"`; names the record and the reason."""
+
+
+class _Reject(Exception):
+    def __init__(self, reason, detail):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _image_problem(error):
+    """Map an image loading error onto a counted reason."""
+    if isinstance(error, FileNotFoundError):
+        return "missing_image"
+    if isinstance(error, Image.DecompressionBombError) or "max_image_pixels" in str(error):
+        return "decompression_bomb"
+    if isinstance(error, (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)):
+        return "corrupt_image"
+    return "unreadable_image"
+
+
+@functools.lru_cache(maxsize=4)
+def load_processor(processor_dir, bos, max_length, max_image_pixels):
+    """One processor per process and setting: loading a Llama-3 tokenizer takes seconds."""
+    return MllamaInputProcessor.from_pretrained(processor_dir, bos=bos, max_length=max_length,
+                                                max_image_pixels=max_image_pixels)
+
+
+class PrepareExample:
+    """Grain map, run in worker processes: raw entry -> processor arrays for query, positive and k negatives.
+
+    Only the configuration is pickled; each worker loads its processor once (see `load_processor`).
+    """
+
+    def __init__(self, config, image_roots):
+        self.config = config
+        self.image_roots = image_roots
+
+    @property
+    def processor(self):
+        return load_processor(self.config.processor_dir, self.config.bos, self.config.max_length,
+                              self.config.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS)
+
+    def __call__(self, element):
+        source_index, record_index, data = element
+        where = f"source {source_index} record #{record_index}"
+        try:
+            try:
+                record = decode_record(data, record_index)
+            except RecordError as err:
+                raise _Reject(err.reason, str(err)) from None
+            where = f"record {record['id']!r} (source {source_index}, #{record_index})"
+            example = self._prepare(record, self.image_roots[source_index])
+        except _Reject as reject:
+            if self.config.bad_input == "raise":
+                raise BadExampleError(f"{where}: {reject.reason}: {reject}") from None
+            return {"rejected": reject.reason, "detail": f"{where}: {reject}"}
+        example["source_index"] = np.int32(source_index)
+        example["record_index"] = np.int64(record_index)
+        return example
+
+    def _load_image(self, root, path, field):
+        problem = check_image_path(path)
+        full = os.path.realpath(os.path.join(root, path))
+        real_root = os.path.realpath(root)
+        if problem or os.path.commonpath([full, real_root]) != real_root:
+            raise _Reject("path_escapes_root", f"{field} {path!r}")
+        processor = self.processor
+        try:
+            return processor.load_image(full)
+        except Exception as err:  # PIL raises many types on malformed files: each is the file's fault, counted
+            raise _Reject(_image_problem(err), f"{field} {path!r}: {type(err).__name__}: {err}") from None
+
+    def _item(self, root, text, image, field):
+        if len(text) > self.config.max_text_chars:
+            raise _Reject("text_too_long", f"{field} has {len(text)} characters > max_text_chars="
+                                           f"{self.config.max_text_chars}")
+        return {"text": text, "image": None if image is None else self._load_image(root, image, field)}
+
+    def _prepare(self, record, root):
+        notes = []
+        query = self._item(root, record["qry_text"], record["qry_image"], "qry")
+        positive = self._item(root, record["pos_text"], record["pos_image"], "pos")
+        negatives = []
+        for i, (text, image) in enumerate(zip(record["neg_text"], record["neg_image"])):
+            if len(negatives) == self.config.num_negatives:
+                break
+            try:
+                negatives.append(self._item(root, text, image, f"neg[{i}]"))
+            except _Reject as reject:
+                if not self.config.drop_bad_negatives:
+                    raise
+                notes.append(f"negative_dropped_{reject.reason}")
+        try:
+            arrays = self.processor([query, positive, *negatives])
+        except BadItemError as err:
+            raise _Reject("unprocessable_image", str(err)) from None
+        if (arrays["attention_mask"].sum(axis=1) >= self.config.max_length).any():
+            notes.append("truncated_text")
+        k = self.config.num_negatives
+        if negatives:
+            # mmE5 pads a short negative list by repeating its last entry.
+            neg_rows = [2 + min(i, len(negatives) - 1) for i in range(k)]
+            mask = np.ones(k, dtype=bool)
+        else:
+            neg_rows, mask = [1] * k, np.zeros(k, dtype=bool)  # placeholders, masked out of the loss
+            notes.append("no_negatives")
+        # Only real tiles travel between processes; `CollateBuckets` rebuilds the zero-padded pixel_values.
+        num_tiles = np.where(arrays["has_image"], arrays["aspect_ratio_mask"][:, 0].sum(axis=1), 0)
+        tiles = np.concatenate([arrays["pixel_values"][i, 0, :n] for i, n in enumerate(num_tiles)])
+        return {"items": {key: value for key, value in arrays.items() if key != "pixel_values"},
+                "tiles": tiles, "num_tiles": num_tiles, "slots": np.array([0, 1, *neg_rows]),
+                "negative_mask": mask, "notes": tuple(notes)}
+
+
+def _pad_length(array, key, length, pad_id, axis):
+    extra = length - array.shape[axis]
+    if extra == 0:
+        return array
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (0, extra)
+    if key == "cross_attention_mask":  # an image stays visible to the end of the padded row (HF's rule)
+        return np.pad(array, widths, mode="edge")
+    return np.pad(array, widths, constant_values=pad_id if key == "input_ids" else 0)
+
+
+class CollateBuckets:
+    """Stack examples into one batch padded to the smallest length bucket that holds its longest row.
+
+    Each example's items are placed into the query, positive and negative slots, and their tiles into
+    zeroed `pixel_values` of `max_image_tiles` tiles.
+    """
+
+    def __init__(self, buckets, pad_token_id, max_image_tiles):
+        self.buckets = buckets
+        self.pad_token_id = pad_token_id
+        self.max_image_tiles = max_image_tiles
+
+    def bucket(self, length):
+        return next(b for b in self.buckets if b >= length)
+
+    def __call__(self, examples):
+        length = self.bucket(max(int(ex["items"]["attention_mask"].sum(axis=1).max()) for ex in examples))
+        k = len(examples[0]["slots"]) - 2
+        tile_shape = examples[0]["tiles"].shape[1:]
+        pixels = np.zeros((len(examples), 2 + k, 1, self.max_image_tiles, *tile_shape), dtype=np.float32)
+        fields = {key: [] for key in examples[0]["items"]}
+        for b, ex in enumerate(examples):
+            for key, value in ex["items"].items():
+                value = _pad_length(value, key, length, self.pad_token_id, 1) if key in TEXT_KEYS else value
+                fields[key].append(value[ex["slots"]])
+            starts = np.concatenate([[0], np.cumsum(ex["num_tiles"])])
+            for slot, item in enumerate(ex["slots"]):
+                pixels[b, slot, 0, :ex["num_tiles"][item]] = ex["tiles"][starts[item]:starts[item + 1]]
+        stacked = {key: np.stack(values) for key, values in fields.items()}
+        stacked["pixel_values"] = pixels
+        batch = {"query": {key: value[:, 0] for key, value in stacked.items()},
+                 "positive": {key: value[:, 1] for key, value in stacked.items()},
+                 "negatives": {key: value[:, 2:] for key, value in stacked.items()}}
+        for key in ("negative_mask", "source_index", "record_index"):
+            batch[key] = np.stack([ex[key] for ex in examples])
+        return batch
+
+
+class CountRejectsIterDataset(grain.IterDataset):
+    """Drops rejected examples after prefetching; see `_CountRejectsIterator`."""
+
+    def __iter__(self):
+        return _CountRejectsIterator(self._parent.__iter__())
+
+    def __str__(self):
+        return "CountRejectsIterDataset"
+
+
+class _CountRejectsIterator(grain.DatasetIterator):
+    """Counts rejected examples and per-example notes by reason, in its checkpointable state."""
+
+    def __init__(self, parent):
+        super().__init__(parent)
+        self.rejected = Counter()
+        self.notes = Counter()
+
+    def __next__(self):
+        while True:
+            element = next(self._parent)
+            if "rejected" not in element:
+                self.notes.update(element.pop("notes"))
+                return element
+            if not self.rejected[element["rejected"]]:
+                log.warning("skipping %s (%s); further skips of this kind are only counted",
+                            element["detail"], element["rejected"])
+            self.rejected[element["rejected"]] += 1
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), "rejected": dict(self.rejected), "notes": dict(self.notes)}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self.rejected = Counter(state["rejected"])
+        self.notes = Counter(state["notes"])
+
+
+def find_counter(iterator):
+    """The reject-counting stage inside a pipeline iterator (for reports)."""
+    stack = [iterator]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, _CountRejectsIterator):
+            return current
+        stack.extend(getattr(current, "_parents", ()))
+    raise ValueError("no reject-counting stage in this iterator")
+
+
+def problem_report(iterator):
+    """{"rejected": {reason: n}, "notes": {reason: n}} so far, for logs and summaries."""
+    counter = find_counter(iterator)
+    return {"rejected": dict(sorted(counter.rejected.items())), "notes": dict(sorted(counter.notes.items()))}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tag:
+    """Labels entries with their record set and position; indices past the first epoch wrap around."""
+
+    source_index: int
+    num_records: int
+
+    def __call__(self, index, data):
+        return self.source_index, index % self.num_records, data
+
+
+def make_dataset(config, record_sets, process_index=0, process_count=1):
+    """The pipeline as a `grain.IterDataset` of host batches for one process (see module docstring)."""
+    if config.bad_input not in POLICIES:
+        raise ValueError(f"bad_input must be one of {POLICIES}, got {config.bad_input!r}")
+    if config.global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={config.global_batch_size} is not divisible by "
+                         f"process_count={process_count}")
+    if not record_sets:
+        raise ValueError("no record sets given")
+    record_sets = [RecordSet(r) if isinstance(r, (str, os.PathLike)) else r for r in record_sets]
+    sources = []
+    for i, record_set in enumerate(record_sets):
+        source = record_set.open()
+        if not len(source):
+            raise ValueError(f"record set {record_set} is empty")
+        sources.append(grain.MapDataset.source(source).map_with_index(_Tag(i, len(source))).shuffle(config.seed + i))
+    ds = sources[0] if len(sources) == 1 else grain.MapDataset.mix(sources, [r.weight for r in record_sets])
+    ds = ds.repeat(config.num_epochs)
+    ds = ds[process_index::process_count]
+    ds = ds.map(PrepareExample(config, [r.resolved_image_root() for r in record_sets]))
+    # Grain's default read-ahead (16 threads, 500 elements) would hold gigabytes of 448-px tiles per process.
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                              prefetch_buffer_size=config.read_buffer_size))
+    if config.num_workers:
+        _use_default_absl_flags()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers,
+                                                         per_worker_buffer_size=config.worker_buffer_size),
+                            worker_init_fn=_WarmWorker(config))
+    ds = CountRejectsIterDataset(ds)
+    processor = load_processor(config.processor_dir, config.bos, config.max_length,
+                               config.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS)
+    return ds.batch(config.global_batch_size // process_count, drop_remainder=True,
+                    batch_fn=CollateBuckets(config.buckets(), processor.pad_token_id, processor.max_image_tiles))
+
+
+@dataclasses.dataclass(frozen=True)
+class _WarmWorker:
+    """Loads the processor once when a worker starts, before Grain's threads could import concurrently."""
+
+    config: PipelineConfig
+
+    def __call__(self, worker_index, worker_count):
+        load_processor(self.config.processor_dir, self.config.bos, self.config.max_length,
+                       self.config.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS)
+
+
+def _use_default_absl_flags():
+    """Grain's worker processes read absl flags; programs that do not run `absl.app` never parse them."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def to_global_batch(host_batch, mesh, pad_token_id, batch_axes=("data", "fsdp")):
+    """Host batches of all processes -> one global batch of `jax.Array`s, split over `batch_axes` of `mesh`.
+
+    Processes may have picked different length buckets; they agree on the longest first (one tiny
+    all-gather), so every process contributes the same shape. Every process must call this equally often:
+    with skipped examples a finite epoch can end one batch earlier on one process, so multi-process
+    training should run with `num_epochs=None` and stop at a step count.
+    """
+    import jax
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    if not axes:
+        raise ValueError(f"none of the batch axes {batch_axes} is an axis of the mesh {mesh.axis_names}")
+    sharding = NamedSharding(mesh, PartitionSpec(axes))
+    length = host_batch["query"]["input_ids"].shape[-1]
+    if jax.process_count() > 1:
+        length = int(np.max(multihost_utils.process_allgather(np.int32(length))))
+
+    def put(key, array, axis):
+        if key in TEXT_KEYS:
+            array = _pad_length(array, key, length, pad_token_id, axis)
+        return jax.make_array_from_process_local_data(sharding, array)
+
+    out = {}
+    for group in ("query", "positive", "negatives"):
+        axis = 2 if group == "negatives" else 1
+        out[group] = {key: put(key, value, axis) for key, value in host_batch[group].items()}
+    for key in ("negative_mask", "source_index", "record_index"):
+        out[key] = put(key, host_batch[key], None)
+    return out
