@@ -38,6 +38,7 @@ setup(
             "scikit-image",
             "scikit-learn",
             "openai",
+            "tensorflow-datasets",
         ],
         "synth": ["openai"],
         "tfds": ["tensorflow-datasets"],
