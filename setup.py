@@ -40,7 +40,7 @@ setup(
             "openai",
             "tensorflow-datasets",
         ],
-        "synth": ["openai"],
+        "synth": ["openai", "httpx2"],
         "tfds": ["tensorflow-datasets"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
