@@ -30,13 +30,15 @@ def length_buckets(max_length: int, smallest: int = 16) -> list[int]:
     return buckets + [max_length]
 
 
-def load_params(path: str, cfg: ModelConfig, dtype, place=None, progress=True) -> dict:
-    """Base weights from a Hugging Face directory or one of our converted checkpoints."""
+def load_params(path: str, cfg: ModelConfig, dtype, place=None, progress=True, mesh=None) -> dict:
+    """Base weights from a Hugging Face directory or one of our converted checkpoints.
+
+    With `mesh`, a converted checkpoint is restored by Orbax straight onto its shardings (no host copy)."""
     if is_hf_checkpoint(path):
         return load_hf_params(path, cfg, dtype, place=place, progress=progress)
     from mme5_jax import checkpoint
 
-    return checkpoint.load_base_params(path, cfg, dtype, place=place)
+    return checkpoint.load_base_params(path, cfg, dtype, place=place, mesh=mesh, progress=progress)
 
 
 class Embedder:
@@ -67,7 +69,7 @@ class Embedder:
             place = lambda p, a: jax.device_put(a, shardings[p])
         else:
             place = lambda p, a: jnp.asarray(a)
-        params = load_params(path, cfg, np_dtype, place=place, progress=progress)
+        params = load_params(path, cfg, np_dtype, place=place, progress=progress, mesh=mesh)
         model = model_from_params(cfg, params, dtype)
         processor = MllamaInputProcessor.from_pretrained(path, bos=bos, max_length=max_length)
         return cls(model, processor, batch_size=batch_size, mesh=mesh)

@@ -289,3 +289,36 @@ def load_hf_params(path: str, cfg: ModelConfig, dtype, place=None, progress: boo
 def is_hf_checkpoint(path: str) -> bool:
     return os.path.isdir(path) and any(n.endswith(".safetensors") for n in os.listdir(path))
 
+
+
+class UnmappedReader:
+    """An `HFCheckpoint` read with plain file reads instead of memory maps.
+
+    Touched pages of a memory map stay resident (and count in RSS) until the map is closed, so a converter that
+    walks every tensor through `HFCheckpoint.get` ends up with the whole checkpoint resident. Each `get` here returns
+    a fresh array that is freed with its last reference.
+    """
+
+    def __init__(self, ckpt: HFCheckpoint):
+        self.ckpt = ckpt
+
+    def keys(self):
+        return self.ckpt.keys()
+
+    def shape(self, key) -> tuple:
+        return self.ckpt.shape(key)
+
+    def dtype(self, key) -> str:
+        f, raw = self.ckpt.where[key]
+        return f.header[raw]["dtype"]
+
+    def get(self, key) -> np.ndarray:
+        f, raw = self.ckpt.where[key]
+        info = f.header[raw]
+        start, end = info["data_offsets"]
+        out = np.empty(end - start, np.uint8)
+        with open(f.path, "rb") as handle:
+            handle.seek(f.data_start + start)
+            if handle.readinto(memoryview(out)) != end - start:
+                raise WeightError(f"{f.path}: truncated while reading tensor {raw!r}")
+        return out.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
