@@ -40,6 +40,9 @@ class Linear(nnx.Module):
     def __call__(self, x):
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
                     precision=jax.lax.Precision.HIGHEST)
+        adapter = getattr(self, "adapter", None)
+        if adapter is not None:
+            y = adapter(x, y, self.kernel[...], self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

@@ -1,0 +1,233 @@
+"""LoRA and DoRA adapters on the model's `Linear` layers, with PEFT semantics (what mmE5 trained with).
+
+An adapted `Linear` computes, for input x, frozen kernel W [in, out], A [in, r], B [r, out], s = alpha / r and
+x' = dropout(x):
+
+    LoRA:  x W + s x' A B
+    DoRA:  x W + (g - 1) x' W + g s x' A B,   g = m / stop_gradient(||W + s A B||)   (norm per output unit)
+
+which is PEFT's `_apply_dora`: the weight norm is detached and the magnitude term multiplies W by the dropped-out
+input. Adapters inside a scanned `Stack` carry the stack's leading layer axis, so the scan slices them with the
+base kernel. Dropout draws one key per (adapted module, layer, example row) from a step key, so a row's mask does
+not depend on how the batch is chunked and GradCache's second forward sees the same masks as the first.
+"""
+import math
+import re
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mme5_jax.hf_weights import installed_key, weight_map
+from mme5_jax.model.layers import Linear
+
+MME5_TARGETS = (
+    r"vision_model\.(local_segments\.\d+|global_layers)\.layers\.self_attn\.[qkvo]_proj",
+    r"language_model\.blocks\.layers\.layers\.\d+\.(self_attn|cross_attn)\.[qkvo]_proj",
+    r"language_model\.blocks\.layers\.layers\.\d+\.mlp\.down_proj",
+)
+# What mmE5 passes to PEFT; on Mllama it selects exactly the modules MME5_TARGETS selects here.
+MME5_PEFT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+KINDS = ("lora", "dora")
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """`targets` are regular expressions that must match a whole dotted module path of our model."""
+
+    kind: str = "dora"
+    rank: int = 8
+    alpha: float = 64.0
+    dropout: float = 0.1
+    targets: tuple = MME5_TARGETS
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"adapter kind {self.kind!r} unknown; choose from {KINDS}")
+        if self.rank < 1:
+            raise ValueError(f"adapter rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"adapter dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ValueError("adapter targets are empty")
+        for pattern in self.targets:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"adapter target {pattern!r} is not a valid regex: {e}") from None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRAParam(nnx.Param):
+    """Adapter weights: the only variables that are trained."""
+
+
+class DropoutKeys(nnx.Variable):
+    """Per-row PRNG keys for one training forward; absent (None) means no dropout."""
+
+
+class Adapter(nnx.Module):
+    """The low-rank update of one `Linear` (or of a stack of them: leading layer axes follow the kernel's)."""
+
+    def __init__(self, kernel: nnx.Variable, cfg: AdapterConfig, rngs: nnx.Rngs):
+        *lead, d_in, d_out = kernel.shape
+        *lead_axes, in_axis, out_axis = kernel.get_metadata("logical_axes", (None,) * kernel.ndim)
+        r = cfg.rank
+        # PEFT init_lora_weights="gaussian" (mmE5's setting): A ~ N(0, 1/r^2), B = 0.
+        a = jax.random.normal(rngs.params(), (*lead, d_in, r), jnp.float32) / r
+        self.lora_a = LoRAParam(a, logical_axes=(*lead_axes, in_axis, "lora_rank"))
+        self.lora_b = LoRAParam(jnp.zeros((*lead, r, d_out), jnp.float32),
+                                logical_axes=(*lead_axes, "lora_rank", out_axis))
+        if cfg.kind == "dora":
+            norm = jnp.linalg.norm(kernel[...].astype(jnp.float32), axis=-2)
+            self.magnitude = LoRAParam(norm, logical_axes=(*lead_axes, out_axis))
+        else:
+            self.magnitude = None
+        self.kind = cfg.kind
+        self.scale = cfg.scale
+        self.dropout = cfg.dropout
+        self.dropout_keys = nnx.data(None)
+
+    def delta(self):
+        """s A B in float32, shaped like the kernel."""
+        return self.scale * jnp.matmul(self.lora_a[...], self.lora_b[...], precision=jax.lax.Precision.HIGHEST)
+
+    def dora_gain(self, kernel):
+        """m / ||W + s A B|| per output unit, the norm detached (PEFT)."""
+        norm = jnp.linalg.norm(kernel.astype(jnp.float32) + jax.lax.stop_gradient(self.delta()), axis=-2)
+        return self.magnitude[...] / jax.lax.stop_gradient(norm)
+
+    def _dropped(self, x):
+        if self.dropout_keys is None:
+            return x
+        keys = self.dropout_keys[...]
+        if keys.shape[0] != x.shape[0]:
+            raise ValueError(f"dropout keys cover {keys.shape[0]} rows but the adapted input has {x.shape[0]}")
+        keep = jax.vmap(lambda k: jax.random.bernoulli(k, jnp.float32(1.0 - self.dropout), x.shape[1:]))(keys)
+        return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+
+    def __call__(self, x, base, kernel, dtype):
+        """`base` = x W (no bias), `kernel` = W; returns the adapted x W."""
+        hi = jax.lax.Precision.HIGHEST
+        x_drop = self._dropped(x.astype(dtype))
+        low = jnp.dot(jnp.dot(x_drop, self.lora_a[...].astype(dtype), precision=hi),
+                      self.lora_b[...].astype(dtype), precision=hi) * jnp.asarray(self.scale, dtype)
+        if self.kind == "lora":
+            return base + low
+        gain = self.dora_gain(kernel).astype(dtype)
+        base_drop = base if self.dropout_keys is None else jnp.dot(x_drop, kernel.astype(dtype), precision=hi)
+        return base + (gain - 1) * base_drop + gain * low
+
+
+def module_path(path) -> str:
+    return ".".join(map(str, path))
+
+
+def adapted_linears(model):
+    """[(dotted path, Linear)] of the adapted modules, in graph order (stable for a given model)."""
+    return [(module_path(path), node) for path, node in nnx.iter_graph(model)
+            if isinstance(node, Linear) and getattr(node, "adapter", None) is not None]
+
+
+def add_adapters(model, cfg: AdapterConfig, rngs: nnx.Rngs) -> list:
+    """Attaches an adapter to every `Linear` whose path fully matches a target; returns their paths."""
+    patterns = [re.compile(p) for p in cfg.targets]
+    chosen = [(module_path(path), node) for path, node in nnx.iter_graph(model)
+              if isinstance(node, Linear) and any(p.fullmatch(module_path(path)) for p in patterns)]
+    if not chosen:
+        raise ValueError(f"no Linear module matches the adapter targets {list(cfg.targets)}")
+    for path, linear in chosen:
+        if getattr(linear, "adapter", None) is not None:
+            raise ValueError(f"module {path} already has an adapter")
+        linear.adapter = Adapter(linear.kernel, cfg, rngs)
+    return [path for path, _ in chosen]
+
+
+def merge_adapters(model) -> None:
+    """Folds every adapter into its kernel (W' = W + s A B, or g (W + s A B) for DoRA) and removes it."""
+    for _, linear in adapted_linears(model):
+        adapter = linear.adapter
+        kernel = linear.kernel[...]
+        merged = kernel.astype(jnp.float32) + adapter.delta()
+        if adapter.kind == "dora":
+            merged = adapter.dora_gain(kernel)[..., None, :] * merged
+        linear.kernel[...] = merged.astype(kernel.dtype)
+        del linear.adapter
+
+
+def seed_dropout(model, rng, row_ids) -> None:
+    """Turns adapter dropout on for one forward: row i of the input gets key fold(rng, module, layer, row_ids[i]).
+
+    Adapters built with dropout 0 stay deterministic. A model never seeded (evaluation) applies no dropout.
+    """
+    for index, (_, linear) in enumerate(adapted_linears(model)):
+        adapter = linear.adapter
+        if adapter.dropout == 0:
+            continue
+        lead = adapter.lora_a.shape[:-2]
+        module_key = jax.random.fold_in(rng, index)
+        layer_keys = jax.vmap(jax.random.fold_in, (None, 0))(module_key, jnp.arange(math.prod(lead)))
+        keys = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, (None, 0))(k, row_ids))(layer_keys)
+        adapter.dropout_keys = DropoutKeys(keys.reshape(*lead, *keys.shape[1:]))
+
+
+def count_adapter_params(model) -> int:
+    return sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, LoRAParam)))
+
+
+def _hf_modules(cfg):
+    """{(our module path, layer slot): canonical HF module name} for every Linear kernel."""
+    return {(module_path(t.path[:-1]), t.index): key[: -len(".weight")]
+            for key, t in weight_map(cfg).items() if t.transform == "linear"}
+
+
+def peft_state_dict(model, cfg: AdapterConfig) -> dict:
+    """The adapters as PEFT's saved state dict (keys of the installed transformers' Mllama, torch layouts)."""
+    names = _hf_modules(model.cfg)
+    out = {}
+    for path, linear in adapted_linears(model):
+        adapter = linear.adapter
+        if adapter.kind != cfg.kind:
+            raise ValueError(f"module {path} holds a {adapter.kind} adapter, the config says {cfg.kind}")
+        a, b = np.asarray(adapter.lora_a[...]), np.asarray(adapter.lora_b[...])
+        magnitude = np.asarray(adapter.magnitude[...]) if adapter.magnitude is not None else None
+        slots = [None] if a.ndim == 2 else range(a.shape[0])
+        for slot in slots:
+            pick = (lambda t: t) if slot is None else (lambda t, s=slot: t[s])
+            name = PEFT_PREFIX + installed_key(names[(path, slot)], layout="5")
+            out[f"{name}.lora_A.weight"] = np.ascontiguousarray(pick(a).T)
+            out[f"{name}.lora_B.weight"] = np.ascontiguousarray(pick(b).T)
+            if magnitude is not None:
+                out[f"{name}.lora_magnitude_vector"] = np.ascontiguousarray(pick(magnitude))
+    return out
+
+
+def peft_target_modules(model) -> list:
+    """Exact PEFT module names (installed layout) of the adapted modules."""
+    names = _hf_modules(model.cfg)
+    out = []
+    for path, linear in adapted_linears(model):
+        slots = [None] if linear.adapter.lora_a.ndim == 2 else range(linear.adapter.lora_a.shape[0])
+        out.extend(installed_key(names[(path, slot)], layout="5") for slot in slots)
+    return out
+
+
+def adapter_config_json(cfg: AdapterConfig, base_model_path: str, model=None) -> dict:
+    """adapter_config.json for PEFT. Default targets export mmE5's suffix list; custom targets need the model
+    (its adapted modules are listed by exact name)."""
+    if model is not None:
+        targets = peft_target_modules(model)
+    elif tuple(cfg.targets) == MME5_TARGETS:
+        targets = list(MME5_PEFT_TARGETS)
+    else:
+        raise ValueError("custom adapter targets cannot be named for PEFT without the model: pass model=")
+    return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_path,
+            "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_dora": cfg.kind == "dora",
+            "init_lora_weights": "gaussian", "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+            "inference_mode": True, "modules_to_save": None}

@@ -1,0 +1,301 @@
+"""The jitted contrastive training step: adapters trained, base frozen, exact full-batch InfoNCE gradient.
+
+The model is split into (graphdef, trainable adapters, frozen rest); only the adapters get gradients and optimizer
+state. Every example's query, positive and k negatives are encoded together as one example-major batch
+[B * (2 + k)], so each device encodes its own examples and no rows move between devices.
+
+With `chunk_size`, GradCache bounds activation memory by the chunk instead of the batch: encode all chunks
+without keeping activations, take the exact loss gradient with respect to the embeddings, then re-encode chunk by
+chunk under `jax.vjp` and accumulate the adapter gradients. Chunk i holds examples i, i + n, i + 2n, ... (n chunks),
+which on a row-sharded batch is a local reshape: every chunk spans all data shards without an all-to-all.
+"""
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mme5_jax.loss import info_nce
+from mme5_jax.model import lora
+from mme5_jax.sharding import batch_divisor, load_rules, state_shardings
+
+SCHEDULES = ("mme5", "cosine", "linear", "constant")
+BATCH_KEYS = ("query", "positive", "negatives", "negative_mask")
+
+
+def make_schedule(name: str, peak_lr: float, total_steps: int, warmup_ratio: float = 0.05):
+    """Learning rate by update count. "mme5" is DeepSpeed's WarmupDecayLR (warmup_min_lr 0):
+    peak * log(step + 1) / log(warmup) during warmup, then linear decay to 0 at `total_steps`."""
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule {name!r} unknown; choose from {SCHEDULES}")
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if name == "mme5":
+        warmup = max(2, warmup)  # DeepSpeed's floor: log(warmup) must be positive
+
+        def schedule(step):
+            step = jnp.asarray(step, jnp.float32)
+            warm = peak_lr * jnp.log(step + 1) / math.log(warmup)
+            decay = peak_lr * jnp.maximum(0.0, (total_steps - step) / max(1.0, total_steps - warmup))
+            return jnp.where(step < warmup, warm, decay)
+
+        return schedule
+    warmup = max(1, warmup)
+    ramp = optax.linear_schedule(0.0, peak_lr, warmup)
+    after = {"cosine": optax.cosine_decay_schedule(peak_lr, max(1, total_steps - warmup)),
+             "linear": optax.linear_schedule(peak_lr, 0.0, max(1, total_steps - warmup)),
+             "constant": optax.constant_schedule(peak_lr)}[name]
+    return optax.join_schedules([ramp, after], [warmup])
+
+
+def make_optimizer(schedule, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_norm=5.0):
+    """Global-norm clipping then AdamW; the learning rate is injected so the step can report it."""
+    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, b1=b1, b2=b2, eps=eps,
+                                                  weight_decay=weight_decay)
+    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class TrainState:
+    """`step` counts applied updates; a skipped (non-finite) update only increments `nan_skips`."""
+
+    step: jax.Array
+    trainable: nnx.State
+    opt_state: optax.OptState
+    frozen: nnx.State
+    nan_skips: jax.Array
+
+
+def _like_params(tree, param_structure, param_shardings, replicated):
+    """Shardings for an optax state: subtrees shaped like the parameters follow them, the rest is replicated."""
+    if jax.tree.structure(tree) == param_structure:
+        return param_shardings
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_like_params(t, param_structure, param_shardings, replicated) for t in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_like_params(t, param_structure, param_shardings, replicated) for t in tree)
+    if isinstance(tree, dict):
+        return {k: _like_params(v, param_structure, param_shardings, replicated) for k, v in tree.items()}
+    return jax.tree.map(lambda _: replicated, tree)
+
+
+def train_state_shardings(graphdef, state: TrainState, mesh, rules=None) -> TrainState:
+    """NamedShardings for a (possibly abstract) TrainState: parameters by their logical axes, Adam moments like
+    their parameters, counters replicated. `graphdef` is unused: the state's metadata carries everything."""
+    del graphdef
+    rules = load_rules() if rules is None else rules
+    replicated = NamedSharding(mesh, PartitionSpec())
+    trainable = state_shardings(state.trainable, mesh, rules)
+    param_structure = jax.tree.structure(state.trainable)
+    return TrainState(step=replicated, trainable=trainable,
+                      opt_state=_like_params(state.opt_state, param_structure, trainable, replicated),
+                      frozen=state_shardings(state.frozen, mesh, rules), nan_skips=replicated)
+
+
+def init_train_state(model, optimizer, mesh, rules=None):
+    """-> (graphdef, TrainState) placed on `mesh`: adapters and frozen weights by their logical axes.
+
+    The state takes over the model's arrays without copying them (an 11B base does not fit twice), and the
+    step donates the state: do not use `model` afterwards.
+    """
+    graphdef, trainable, frozen = nnx.split(model, lora.LoRAParam, ...)
+    if not jax.tree.leaves(trainable):
+        raise ValueError("the model has no adapter parameters: call mme5_jax.model.lora.add_adapters first")
+    zero = jnp.zeros((), jnp.int32)
+    abstract = jax.eval_shape(lambda t, f: TrainState(zero, t, optimizer.init(t), f, zero), trainable, frozen)
+    shardings = train_state_shardings(graphdef, abstract, mesh, rules)
+    trainable = jax.device_put(trainable, shardings.trainable)
+    frozen = jax.device_put(frozen, shardings.frozen)
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(trainable)
+    counter = lambda: jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return graphdef, TrainState(counter(), trainable, opt_state, frozen, counter())
+
+
+class _Layout:
+    """Batch placement helpers for one mesh: rows over the `batch` rule's mesh axes when they divide evenly."""
+
+    def __init__(self, mesh, rules):
+        self.mesh = mesh
+        self.divisor = batch_divisor(mesh, rules)
+        named = rules.get("batch") or ()
+        axes = tuple(a for a in ((named,) if isinstance(named, str) else named) if mesh.shape[a] > 1)
+        self.rows = axes if len(axes) > 1 else (axes[0] if axes else None)
+
+    def sharding(self, lead=0):
+        """Rows (dimension `lead`) split over the batch axes."""
+        return NamedSharding(self.mesh, PartitionSpec(*([None] * lead), self.rows))
+
+    def constrain(self, tree, lead=0):
+        def one(x):
+            if x.shape[lead] % self.divisor:
+                return x
+            return jax.lax.with_sharding_constraint(x, self.sharding(lead))
+        return jax.tree.map(one, tree)
+
+    def replicate(self, x):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec()))
+
+
+def group_inputs(batch):
+    """Query, positive and negatives -> one model input per example slot: {key: [B, 2 + k, ...]}."""
+    query, positive, negatives = batch["query"], batch["positive"], batch.get("negatives")
+    for name, group in (("positive", positive), ("negatives", negatives)):
+        if group is not None and set(group) != set(query):
+            raise ValueError(f"batch[{name!r}] has keys {sorted(group)}, batch['query'] has {sorted(query)}")
+    out = {}
+    for key in query:
+        parts = [query[key][:, None], positive[key][:, None]]
+        if negatives is not None:
+            parts.append(negatives[key])
+        out[key] = jnp.concatenate(parts, axis=1)
+    return out
+
+
+def _flat(tree):
+    """[B, S, ...] -> [B * S, ...]"""
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), tree)
+
+
+def _to_chunks(x, n_chunks):
+    """[B, ...] -> [n_chunks, B / n_chunks, ...], chunk i = rows i, i + n_chunks, ... (strided)."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // n_chunks, n_chunks, *x.shape[1:]), 0, 1)
+
+
+def _flat_chunk(x):
+    """[n_chunks, chunk, S, ...] -> [n_chunks, chunk * S, ...]"""
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _from_chunks(x):
+    """Inverse of `_to_chunks`."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def _contrastive(layout, embeddings, negative_mask, temperature):
+    """embeddings [B, 2 + k, D] -> (loss, metrics); the positives are gathered whole, the queries stay sharded."""
+    query = layout.constrain(embeddings[:, 0])
+    positive = layout.replicate(embeddings[:, 1])
+    negatives = embeddings[:, 2:] if embeddings.shape[1] > 2 else None
+    return info_nce(query, positive, negatives, negative_mask if negatives is not None else None, temperature)
+
+
+def make_loss_and_grad(graphdef, mesh, *, temperature=0.02, chunk_size=None, rules=None):
+    """(trainable, frozen, batch, rng) -> ((loss, metrics), grads): the traced core of the train step."""
+    layout = _Layout(mesh, load_rules() if rules is None else rules)
+
+    def encode(trainable, frozen, inputs, row_ids, rng):
+        model = nnx.merge(graphdef, trainable, frozen)
+        lora.seed_dropout(model, rng, row_ids)
+        return layout.constrain(model.embed(layout.constrain(inputs)))
+
+    def plain(trainable, frozen, batch, rng):
+        grouped = group_inputs(batch)
+        b, slots = grouped["input_ids"].shape[:2]
+        row_ids = jnp.arange(b * slots)
+
+        def loss_fn(t):
+            embeddings = encode(t, frozen, _flat(grouped), row_ids, rng).reshape(b, slots, -1)
+            return _contrastive(layout, embeddings, batch.get("negative_mask"), temperature)
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+
+    def gradcache(trainable, frozen, batch, rng):
+        grouped = group_inputs(batch)
+        b, slots = grouped["input_ids"].shape[:2]
+        if b % chunk_size:
+            raise ValueError(f"global batch {b} is not divisible by chunk_size {chunk_size}")
+        n_chunks = b // chunk_size
+        to_chunks = lambda x: _flat_chunk(layout.constrain(_to_chunks(x, n_chunks), lead=1))
+        chunks = jax.tree.map(to_chunks, grouped)
+        rows = _flat_chunk(_to_chunks(jnp.arange(b * slots).reshape(b, slots), n_chunks))
+        constant = jax.lax.stop_gradient(trainable)
+
+        def forward(chunk):
+            inputs, row_ids = chunk
+            return encode(constant, frozen, inputs, row_ids, rng)
+
+        embeddings = _from_chunks(jax.lax.map(forward, (chunks, rows)).reshape(n_chunks, chunk_size, slots, -1))
+        (loss, metrics), emb_grad = jax.value_and_grad(
+            lambda e: _contrastive(layout, e, batch.get("negative_mask"), temperature), has_aux=True)(embeddings)
+        emb_grad = to_chunks(emb_grad)
+
+        def backward(acc, chunk):
+            inputs, row_ids, grad = chunk
+            _, vjp = jax.vjp(lambda t: encode(t, frozen, inputs, row_ids, rng), trainable)
+            return jax.tree.map(jnp.add, acc, vjp(grad)[0]), None
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        grads, _ = jax.lax.scan(backward, zeros, (chunks, rows, emb_grad))
+        return (loss, metrics), grads
+
+    return plain if chunk_size is None else gradcache
+
+
+class TrainStep:
+    """`step(state, batch, rng) -> (state, metrics)`, jitted on first use with explicit shardings; the state is
+    donated. `lower(...)` gives the lowered computation (e.g. for memory analysis) without running it."""
+
+    def __init__(self, graphdef, optimizer, mesh, *, temperature=0.02, chunk_size=None, rules=None):
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        self.graphdef, self.optimizer, self.mesh = graphdef, optimizer, mesh
+        self.rules = load_rules() if rules is None else rules
+        self.layout = _Layout(mesh, self.rules)
+        self.loss_and_grad = make_loss_and_grad(graphdef, mesh, temperature=temperature, chunk_size=chunk_size,
+                                                rules=self.rules)
+        self._jitted = None
+
+    def _update(self, state, batch, rng):
+        (loss, metrics), grads = self.loss_and_grad(state.trainable, state.frozen, batch, rng)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = TrainState(step=state.step + finite.astype(jnp.int32),
+                               trainable=keep(trainable, state.trainable),
+                               opt_state=keep(opt_state, state.opt_state), frozen=state.frozen,
+                               nan_skips=state.nan_skips + (~finite).astype(jnp.int32))
+        metrics = dict(metrics, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
+        lr = optax.tree_utils.tree_get(opt_state, "learning_rate", filtering=lambda _, v: isinstance(v, jax.Array))
+        if lr is not None:
+            metrics["lr"] = lr
+        return new_state, metrics
+
+    def _select(self, batch):
+        missing = [k for k in ("query", "positive") if k not in batch]
+        if missing:
+            raise ValueError(f"batch lacks {missing}; it has {sorted(batch)}")
+        selected = {k: batch[k] for k in BATCH_KEYS if k in batch}
+        b = selected["query"]["input_ids"].shape[0]
+        if b % self.layout.divisor:
+            raise ValueError(f"global batch {b} is not divisible by the mesh's batch shards ({self.layout.divisor})")
+        return selected
+
+    def jitted(self, state):
+        if self._jitted is None:
+            shardings = train_state_shardings(self.graphdef, state, self.mesh, self.rules)
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            self._jitted = jax.jit(self._update, in_shardings=(shardings, self.layout.sharding(), replicated),
+                                   out_shardings=(shardings, replicated), donate_argnums=0)
+        return self._jitted
+
+    def lower(self, state, batch, rng):
+        return self.jitted(state).lower(state, self._select(batch), rng)
+
+    def __call__(self, state, batch, rng):
+        return self.jitted(state)(state, self._select(batch), rng)
+
+
+def make_train_step(graphdef, optimizer, mesh, *, temperature=0.02, chunk_size=None, rules=None) -> TrainStep:
+    return TrainStep(graphdef, optimizer, mesh, temperature=temperature, chunk_size=chunk_size, rules=rules)
+
+
+def embed_fn(graphdef):
+    """Jitted (trainable, frozen, inputs) -> [B, D] embeddings with dropout off, for held-out evaluation."""
+    return jax.jit(lambda trainable, frozen, inputs: nnx.merge(graphdef, trainable, frozen).embed(inputs))

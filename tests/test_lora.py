@@ -1,0 +1,97 @@
+"""Adapters against PEFT: our LoRA/DoRA exported to PEFT's files give the same embeddings through Hugging Face,
+target selection equals mmE5's PEFT target list, and merging is exact."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from peft import PeftModel
+from safetensors.numpy import save_file
+
+from hf_reference import EDGE_LAYERS_CONFIG, hf_forward, random_batch, tiny_hf_model
+from mme5_jax.config import ModelConfig
+from mme5_jax.hf_weights import load_hf_params
+from mme5_jax.model import lora
+from mme5_jax.model.mllama import MllamaModel, model_from_params
+
+
+def cosine(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def embed(model, batch):
+    graphdef, state = nnx.split(model)
+    return np.asarray(jax.jit(lambda s, a: nnx.merge(graphdef, s).embed(a))(state, batch))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    hf = tiny_hf_model(EDGE_LAYERS_CONFIG)
+    path = str(tmp_path_factory.mktemp("edge"))
+    hf.save_pretrained(path)
+    cfg = ModelConfig.from_pretrained(path)
+    batch = random_batch(hf.config, [7, 5, 8, 4, 6, 8], image_rows={0, 2, 3}, grids=[(1, 1), (2, 2), (1, 3)])
+    return dict(path=path, cfg=cfg, params=load_hf_params(path, cfg, np.float32, progress=False), batch=batch)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_matches_peft_and_merges(base, tmp_path, kind):
+    cfg = lora.AdapterConfig(kind=kind, rank=4, alpha=16.0, dropout=0.1)
+    model = model_from_params(base["cfg"], base["params"])
+    lora.add_adapters(model, cfg, nnx.Rngs(3))
+    rng = np.random.default_rng(1)
+    for _, linear in lora.adapted_linears(model):
+        linear.adapter.lora_b[...] = jnp.asarray(0.5 * rng.standard_normal(linear.adapter.lora_b.shape), jnp.float32)
+
+    export = tmp_path / "adapter"
+    export.mkdir()
+    save_file(lora.peft_state_dict(model, cfg), str(export / "adapter_model.safetensors"))
+    (export / "adapter_config.json").write_text(json.dumps(lora.adapter_config_json(cfg, base["path"])))
+    peft_model = PeftModel.from_pretrained(tiny_hf_model(EDGE_LAYERS_CONFIG), str(export)).eval()
+    injected = sorted(name[len(lora.PEFT_PREFIX):] for name, module in peft_model.named_modules()
+                      if hasattr(module, "lora_A") and name.startswith(lora.PEFT_PREFIX))
+    assert injected == sorted(lora.peft_target_modules(model))
+
+    batch = base["batch"]
+    ours = embed(model, {k: jnp.asarray(v) for k, v in batch.items()})
+    image_rows, text_rows = [0, 2, 3], [1, 4, 5]
+    for rows in (image_rows, text_rows):
+        _, ref = hf_forward(peft_model, batch, rows)
+        assert cosine(ours[rows], ref).min() >= 0.99999
+    base_model = model_from_params(base["cfg"], base["params"])
+    plain = embed(base_model, {k: jnp.asarray(v) for k, v in batch.items()})
+    assert cosine(ours, plain).min() < 0.9999  # the adapters really change the embeddings
+
+    lora.merge_adapters(model)
+    assert not lora.adapted_linears(model) and not jax.tree.leaves(nnx.state(model, lora.LoRAParam))
+    merged = embed(model, {k: jnp.asarray(v) for k, v in batch.items()})
+    assert cosine(merged, ours).min() >= 0.99999
+
+
+def test_mme5_targets_and_11b_parameter_count():
+    big = ModelConfig.from_yaml("llama-3.2-11b-vision")
+
+    def build():
+        model = MllamaModel(big, dtype="bfloat16", rngs=nnx.Rngs(0))
+        lora.add_adapters(model, lora.AdapterConfig(), nnx.Rngs(1))
+        return model
+
+    model = nnx.eval_shape(build)
+    paths = [p for p, _ in lora.adapted_linears(model)]
+    assert not any("mlp.fc" in p or "gate_proj" in p or "up_proj" in p or "projector" in p for p in paths)
+    # 40 vision layers x 4 + 40 text layers x 5, counted per stacked layer.
+    assert len(lora.peft_target_modules(model)) == 40 * 4 + 40 * 5
+    assert lora.count_adapter_params(model) == 18_472_960  # mmE5 reports about 18.5M
+
+
+def test_bad_config_and_targets_are_named():
+    with pytest.raises(ValueError, match="kind 'ia3'"):
+        lora.AdapterConfig(kind="ia3")
+    with pytest.raises(ValueError, match="not a valid regex"):
+        lora.AdapterConfig(targets=("q_proj(",))
+    model = nnx.eval_shape(lambda: MllamaModel(ModelConfig.from_yaml("tiny"), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="no Linear module matches"):
+        lora.add_adapters(model, lora.AdapterConfig(targets=("nothing",)), nnx.Rngs(0))
