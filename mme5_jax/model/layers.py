@@ -143,9 +143,10 @@ class Stack(nnx.Module):
     def __init__(self, make_layer, n: int, rngs: nnx.Rngs, remat: str = "none"):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat policy {remat!r} unknown; choose from {sorted(REMAT_POLICIES)}")
-        layers = [make_layer(nnx.Rngs(params=rngs.params())) for _ in range(n)]
-        graphdef, first = nnx.split(layers[0])
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), first, *[nnx.split(m)[1] for m in layers[1:]])
+        # One trace builds all n layers (vmap over init keys), so construction cost does not grow with depth.
+        graphdef = nnx.split(nnx.eval_shape(lambda: make_layer(nnx.Rngs(0))))[0]
+        keys = jax.random.split(rngs.params(), n)
+        stacked = jax.vmap(lambda key: nnx.split(make_layer(nnx.Rngs(params=key)))[1])(keys)
         self.layers = nnx.merge(graphdef, stacked)
         for _, variable in nnx.iter_graph(self.layers):
             if isinstance(variable, nnx.Variable):
