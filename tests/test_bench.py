@@ -1,0 +1,127 @@
+"""The analytic FLOPs model against XLA's cost analysis, and `mme5 bench` writing a well-formed bench.json.
+
+No timing assertions: speed is measured by tools/bench_vs_torch.py and recorded in docs/benchmarks.md.
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+import yaml
+from flax import nnx
+
+from mme5_jax.bench.flops import Encode, forward_flops, linear_paths, step_flops, xla_flops
+from mme5_jax.bench.runner import BenchConfigError, adapter_config, flops_calls, load_config, model_config, \
+    xla_step_flops
+from mme5_jax.cli import main
+from mme5_jax.model.layers import Linear
+from mme5_jax.model.mllama import MllamaModel
+
+# Small enough to compile in seconds, large enough (head_dim 32) that matmuls dominate as they do at scale.
+SMALL_MODEL = {
+    "vision": {"hidden_size": 64, "num_hidden_layers": 2, "num_global_layers": 1, "num_attention_heads": 2,
+               "intermediate_size": 256, "intermediate_layers_indices": [0], "vision_output_dim": 128,
+               "image_size": 56, "patch_size": 14, "max_num_tiles": 4},
+    "text": {"vocab_size": 1000, "hidden_size": 128, "num_hidden_layers": 4, "cross_attention_layers": [1, 3],
+             "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 512, "bos_token_id": 1,
+             "eos_token_id": 2, "pad_token_id": 0},
+    "image_token_index": 1000,
+}
+TEXT_TARGETS = [r"language_model\.blocks\.layers\.layers\.\d+\.(self_attn|cross_attn)\.[qkvo]_proj",
+                r"language_model\.blocks\.layers\.layers\.\d+\.mlp\.(gate|up|down)_proj"]
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "small.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": SMALL_MODEL,
+        "adapter": {"kind": "lora", "rank": 8, "alpha": 16, "dropout": 0.0, "targets": TEXT_TARGETS},
+        "batch": {"pairs": 4, "query_tokens": 32, "query_tiles": 4, "target_tokens": 16, "target_tiles": 0},
+        "mesh": {"cpu_devices": 1},
+        "bench": {"warmup": 1, "steps": 2},
+    }))
+    return str(path)
+
+
+def test_walk_covers_every_linear_of_the_model():
+    cfg = model_config({"model": SMALL_MODEL})
+    model = nnx.eval_shape(lambda: MllamaModel(cfg, rngs=nnx.Rngs(0)))
+    ours = {".".join(map(str, p)) for p, node in nnx.iter_graph(model) if isinstance(node, Linear)}
+    assert linear_paths(cfg) == ours
+
+
+@pytest.mark.parametrize("call", [Encode(4, 32, 4), Encode(4, 48, 0)], ids=["image", "text_only"])
+def test_forward_flops_within_10_percent_of_xla(call):
+    cfg = model_config({"model": SMALL_MODEL})
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: MllamaModel(cfg, rngs=nnx.Rngs(0))))
+    v = cfg.vision
+    spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype)
+    batch = {"input_ids": spec((call.batch, call.seq_len)), "attention_mask": spec((call.batch, call.seq_len))}
+    if call.tiles:
+        batch.update(pixel_values=spec((call.batch, 1, call.tiles, 3, v.image_size, v.image_size), jnp.float32),
+                     aspect_ratio_ids=spec((call.batch, 1)), aspect_ratio_mask=spec((call.batch, 1, call.tiles)),
+                     cross_attention_mask=spec((call.batch, call.seq_len, 1, call.tiles)),
+                     has_image=spec((call.batch,), jnp.bool_))
+    xla = xla_flops(lambda: jax.jit(lambda s, b: nnx.merge(graphdef, s).embed(b)).lower(state, batch))
+    ours = forward_flops(cfg, call)
+    print(f"forward {call}: ours {ours:.4g}, XLA {xla:.4g}, ratio {ours / xla:.3f}")
+    assert abs(ours / xla - 1) < 0.10, (ours, xla)
+
+
+@pytest.mark.parametrize("overrides", [[], ["train.chunk_size=2"]], ids=["backprop", "gradcache"])
+def test_step_flops_within_10_percent_of_xla(config_path, overrides):
+    config = load_config(config_path, overrides)
+    cfg = model_config(config)
+    calls, executed = flops_calls(config, cfg)
+    ours = step_flops(cfg, calls, adapter_config(config), num_queries=4, executed=executed,
+                      grad_cache=bool(overrides))
+    xla = xla_step_flops(config)
+    print(f"step {overrides}: ours {ours.hardware:.4g} (model {ours.model:.4g}), XLA {xla:.4g}, "
+          f"ratio {ours.hardware / xla:.3f}")
+    assert abs(ours.hardware / xla - 1) < 0.10, (ours.hardware, xla)
+    assert ours.model < ours.hardware
+
+
+def test_frozen_vision_tower_costs_forward_only():
+    cfg = model_config({"model": SMALL_MODEL})
+    calls = [Encode(4, 32, 4), Encode(4, 16, 0)]
+    text_only = step_flops(cfg, calls, adapter_config({"adapter": {"kind": "lora", "rank": 8, "alpha": 16,
+                                                                   "dropout": 0.0, "targets": TEXT_TARGETS}}),
+                           num_queries=4)
+    everywhere = step_flops(cfg, calls, adapter_config({"adapter": {"kind": "dora", "rank": 8, "alpha": 64,
+                                                                    "dropout": 0.1, "targets": None}}),
+                            num_queries=4, remat="full", grad_cache=True)
+    assert text_only.breakdown["vision/dense"]["bwd"] == 0
+    assert text_only.breakdown["vision/attention"]["bwd"] == 0
+    assert everywhere.breakdown["vision/attention"]["bwd"] > 0
+    assert everywhere.breakdown["vision/dora"]["fwd"] > 0
+    assert everywhere.breakdown["hardware_only/remat_recompute"] > 0
+    assert everywhere.breakdown["hardware_only/grad_cache_forward"] == everywhere.forward_executed
+
+
+def test_bad_config_keys_are_named(config_path):
+    with pytest.raises(BenchConfigError, match="batch.pears"):
+        load_config(config_path, ["batch.pears=3"])
+    with pytest.raises(BenchConfigError, match="train.chunk_size"):
+        load_config(config_path, ["train.chunk_size=3"])
+    with pytest.raises(BenchConfigError, match="remat"):
+        load_config(config_path, ["remat=some"])
+
+
+def test_mme5_bench_writes_well_formed_json(config_path, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", config_path, "batch.pairs=2", "--output", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    steps = result["step_time_s"]
+    assert len(steps["all"]) == 2 and steps["min"] <= steps["median"] <= steps["max"]
+    assert result["compile_s"] > 0
+    per_chip = result["per_chip"]
+    assert per_chip["examples_per_s"] == pytest.approx(2 / steps["median"])
+    assert per_chip["text_tokens_per_s"] == pytest.approx(2 * (32 + 16) / steps["median"])
+    assert per_chip["image_tiles_per_s"] == pytest.approx(2 * 4 / steps["median"])
+    assert 0 < result["mfu"] < result["hfu"]
+    assert result["peak"]["source"] == "measured" and result["peak"]["flops_per_s"] > 0
+    assert result["memory"]["peak_bytes"] > 0
+    assert result["flops_per_step"]["model"] > 0
+    assert "MFU" in capsys.readouterr().out

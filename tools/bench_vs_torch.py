@@ -1,0 +1,249 @@
+"""Our train step against Hugging Face transformers + PEFT in PyTorch, alternating in one process; prints the ratio.
+
+    python tools/bench_vs_torch.py [CONFIG] [key=value ...] [--steps 5] [--warmup 2] [--threads 2] [--output F]
+    python tools/bench_vs_torch.py gpu_11b --torch-only --device cuda --gradient-checkpointing   (GPU script)
+
+Both sides run the same recipe on the same synthetic inputs and sizes (default `configs/bench/cpu_small.yaml`):
+queries with one image, text-only targets, LoRA on the language model, InfoNCE over the batch, AdamW with global
+norm clipping. The torch side is the natural HF implementation: the inner `MllamaModel` (no lm_head), queries
+and targets encoded in two calls at their own lengths, SDPA attention, and PEFT's LoRA layers.
+
+Steps alternate (torch, ours, torch, ours, ...), so machine load hits both alike; each side's time is the median
+of `--steps` steps after `--warmup` untimed ones. Our compile time is reported separately.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def peft_targets(config, cfg):
+    """PEFT's exact module names for the modules our adapter targets select (so both sides adapt the same set)."""
+    from flax import nnx
+
+    from mme5_jax.bench.runner import adapter_config
+    from mme5_jax.model import lora
+    from mme5_jax.model.mllama import MllamaModel
+
+    def adapted():
+        model = MllamaModel(cfg, rngs=nnx.Rngs(0))
+        lora.add_adapters(model, adapter_config(config), nnx.Rngs(0))
+        return model
+
+    return lora.peft_target_modules(nnx.eval_shape(adapted))
+
+
+def torch_step_fn(config, cfg, host_batch, threads, device="cpu", gradient_checkpointing=False, one_call=False):
+    """-> (step(), number of trainable params): one HF + PEFT InfoNCE step with AdamW on the given batch.
+
+    `one_call` encodes queries and targets in one call laid out as ours does (common length, every row through
+    the vision tower); it separates the engine's speed from the cost of that layout."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(config["seed"])
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config["dtype"]]
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    with torch.device(device):
+        hf = MllamaForConditionalGeneration(MllamaConfig(**cfg.to_hf_dict("installed")))
+    torch.set_default_dtype(default_dtype)
+    a = config["adapter"]
+    peft_cfg = LoraConfig(r=a["rank"], lora_alpha=a["alpha"], lora_dropout=a["dropout"], init_lora_weights="gaussian",
+                          use_dora=a["kind"] == "dora", target_modules=peft_targets(config, cfg))
+    model = get_peft_model(hf, peft_cfg)
+    model.train()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    encoder = model.base_model.model.model  # MllamaModel with PEFT layers in place; no lm_head
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = config["train"]
+    optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"], betas=(0.9, 0.999), eps=1e-8)
+    b = config["batch"]
+
+    def tensors(slot, length, with_image):
+        keys = ["input_ids", "attention_mask"]
+        if with_image:
+            keys += ["pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"]
+        out = {}
+        for key in keys:
+            value = torch.from_numpy(host_batch[slot][key])
+            if key in ("input_ids", "attention_mask", "cross_attention_mask"):
+                value = value[:, :length]
+            out[key] = (value.to(torch_dtype) if key == "pixel_values" else value.long()).to(device)
+        return out
+
+    query = tensors("query", b["query_tokens"], b["query_tiles"] > 0)
+    target = tensors("positive", b["target_tokens"], b["target_tiles"] > 0)
+    if one_call:
+        length = max(b["query_tokens"], b["target_tokens"])
+        both = {k: torch.cat([tensors("query", length, True)[k], tensors("positive", length, True)[k]])
+                for k in tensors("query", length, True)}
+
+    def embed(inputs):
+        hidden = encoder(**inputs).last_hidden_state
+        last = inputs["attention_mask"].sum(1) - 1
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        if one_call:
+            q, p = embed(both).chunk(2)
+        else:
+            q, p = embed(query), embed(target)
+        logits = q @ p.T / t["temperature"]
+        loss = torch.nn.functional.cross_entropy(logits, torch.arange(q.shape[0], device=logits.device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        optimizer.step()
+        return loss.item()  # waits for the device
+
+    return step, sum(p.numel() for p in params)
+
+
+def jax_step_fn(config):
+    """-> (step(), compile seconds, number of trainable params) for our train step."""
+    import jax
+
+    from mme5_jax.bench.runner import build
+
+    cfg, mesh, step, state, batch = build(config)
+    rng = jax.random.PRNGKey(config["seed"])
+    start = time.perf_counter()
+    step.lower(state, batch, rng).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"state": state, "i": 0}
+    trainable = sum(x.size for x in jax.tree.leaves(state.trainable))
+
+    def run():
+        holder["i"] += 1
+        holder["state"], metrics = step(holder["state"], batch, jax.random.fold_in(rng, holder["i"]))
+        jax.block_until_ready(holder["state"])
+        return float(metrics["loss"])
+
+    return cfg, run, compile_s, trainable
+
+
+def timed(fn):
+    """-> (wall seconds, process CPU seconds, loss). CPU time (all threads) is the load-robust figure on a shared
+    machine: waiting for a core costs wall time, not CPU time."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    loss = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, loss
+
+
+def torch_only(args, config):
+    """The torch side alone on `--device` (GPU runs: each side in its own process, so memory is not shared)."""
+    import torch
+
+    from mme5_jax.bench.flops import step_flops
+    from mme5_jax.bench.peaks import table_peak
+    from mme5_jax.bench.runner import adapter_config, flops_calls, model_config, synthetic_batch
+
+    cfg = model_config(config)
+    step, params = torch_step_fn(config, cfg, synthetic_batch(config, cfg, config["seed"]), args.threads,
+                                 args.device, args.gradient_checkpointing)
+    times = []
+    for i in range(args.warmup + args.steps):
+        seconds, _, loss = timed(step)
+        if loss != loss:
+            raise SystemExit("torch step produced a NaN loss")
+        if i >= args.warmup:
+            times.append(seconds)
+    b = config["batch"]
+    calls, _ = flops_calls(config, cfg)
+    flops = step_flops(cfg, calls, adapter_config(config), num_queries=b["pairs"], num_negatives=b["negatives"])
+    median = statistics.median(times)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    peak = table_peak(name)
+    result = {"side": "torch", "device": name, "trainable_params": params,
+              "step_time_s": {"median": median, "min": min(times), "max": max(times), "all": times},
+              "examples_per_s": b["pairs"] / median, "model_tflops_per_s": flops.model / median / 1e12,
+              "mfu": flops.model / median / peak[1] if peak else None,
+              "peak_memory_bytes": torch.cuda.max_memory_allocated() if args.device == "cuda" else None}
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def alternate(args, config):
+    """Both sides in this process, steps alternating; -> the result dict with the speed-up."""
+    from tqdm import tqdm
+
+    from mme5_jax.bench.runner import synthetic_batch
+
+    cfg, jax_step, compile_s, jax_params = jax_step_fn(config)
+    host_batch = synthetic_batch(config, cfg, config["seed"])
+    torch_step, torch_params = torch_step_fn(config, cfg, host_batch, args.threads)
+    if jax_params != torch_params:
+        raise SystemExit(f"trainable parameter counts differ: ours {jax_params}, torch {torch_params}")
+    sides = {"torch": torch_step, "jax": jax_step}
+    if args.torch_one_call:
+        sides["torch_one_call"] = torch_step_fn(config, cfg, host_batch, args.threads, one_call=True)[0]
+    for _ in tqdm(range(args.warmup), desc="warmup"):
+        for fn in sides.values():
+            fn()
+    times = {name: [] for name in sides}
+    cpu_times = {name: [] for name in sides}
+    for _ in tqdm(range(args.steps), desc="alternating steps"):
+        for name, fn in sides.items():
+            seconds, cpu_seconds, loss = timed(fn)
+            if loss != loss:
+                raise SystemExit(f"{name} step produced a NaN loss")
+            times[name].append(seconds)
+            cpu_times[name].append(cpu_seconds)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    cpu_median = {k: statistics.median(v) for k, v in cpu_times.items()}
+    result = {"config": args.config, "overrides": args.overrides, "trainable_params": jax_params,
+              "jax_compile_s": compile_s, "step_time_s": times, "median_s": median, "cpu_time_s": cpu_times,
+              "cpu_median_s": cpu_median, "threads": args.threads, "load_average": os.getloadavg(),
+              "speedup": {name: {"wall": median[name] / median["jax"], "cpu": cpu_median[name] / cpu_median["jax"]}
+                          for name in sides if name != "jax"}}
+    print(f"trainable params: {jax_params:,} (both)   load average: {os.getloadavg()[0]:.2f}")
+    print(f"{'':14} {'median s':>9} {'min s':>8} {'max s':>8} {'CPU s (median)':>15}")
+    for name in times:
+        print(f"{name:14} {median[name]:9.3f} {min(times[name]):8.3f} {max(times[name]):8.3f} "
+              f"{cpu_median[name]:15.3f}")
+    print(f"ours (jax) compile: {compile_s:.1f} s")
+    for name, ratio in result["speedup"].items():
+        print(f"speed-up of ours over {name}: {ratio['wall']:.2f}x wall, {ratio['cpu']:.2f}x CPU time")
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default="cpu_small", help="configs/bench name or YAML path")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. batch.pairs=4")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (XLA uses the host cores)")
+    parser.add_argument("--torch-only", action="store_true", help="run only the HF + PEFT side (GPU script)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch device (with --torch-only)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="HF gradient checkpointing (the peer of remat=full)")
+    parser.add_argument("--torch-one-call", action="store_true",
+                        help="also time HF + PEFT encoding queries and targets in one call, laid out as ours")
+    parser.add_argument("--output", help="write the measurements here as JSON")
+    args = parser.parse_args(argv)
+
+    from mme5_jax.bench.runner import load_config
+
+    if args.torch_only:
+        result = torch_only(args, load_config(args.config, args.overrides))
+    else:
+        result = alternate(args, load_config(args.config, ["mesh.cpu_devices=1", *args.overrides]))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

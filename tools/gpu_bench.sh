@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One prepared benchmark for a lent H100/H200 (JAX and torch preinstalled, no network), done in <= 8 minutes.
+#
+# Measures the Llama-3.2-11B-Vision architecture with random bf16 weights (configs/bench/gpu_11b.yaml: DoRA on
+# mmE5's targets, full remat, 8 pairs of a 4-tile 448-px query + a text target): our train step (`mme5 bench`),
+# then HF transformers + PEFT at the same batch with gradient checkpointing, each in its own process so the two
+# never share GPU memory. Prints one table and leaves ours.json / torch.json in $OUT (default /tmp/gpu_bench).
+#
+#   tools/gpu_bench.sh [key=value ...]        e.g. tools/gpu_bench.sh batch.pairs=4 remat=dots_no_batch
+#
+# If flax/optax/transformers/peft are missing on the machine, carry wheels in tools/wheels/ (pip download them
+# here); they are installed offline, without dependencies.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu_bench}"
+mkdir -p "$OUT"
+START=$(date +%s)
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi unavailable"
+if ! python -c "import jax, flax, optax, yaml, tqdm, torch, transformers, peft" 2>/dev/null; then
+  if [ -d tools/wheels ]; then
+    pip install --no-index --no-deps --find-links tools/wheels flax optax transformers peft tqdm pyyaml 2>&1 | tail -2
+  fi
+  python -c "import jax, flax, optax, yaml, tqdm, torch, transformers, peft" || { echo "missing packages (above)"; exit 2; }
+fi
+python -c "import jax, torch; print('jax', jax.__version__, jax.devices()[0].device_kind, '| torch', torch.__version__)"
+
+echo "== ours (mme5 bench gpu_11b $*) =="
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout 290 \
+  python -m mme5_jax.cli bench gpu_11b "$@" --output "$OUT/ours.json" --no-progress
+OURS_RC=$?
+
+echo "== HF transformers + PEFT, same batch =="
+REMAINING=$(( 470 - ($(date +%s) - START) ))
+JAX_PLATFORMS=cpu timeout "$REMAINING" \
+  python tools/bench_vs_torch.py gpu_11b "$@" --torch-only --device cuda --gradient-checkpointing \
+  --steps 5 --warmup 2 --output "$OUT/torch.json" > "$OUT/torch.log" 2>&1
+TORCH_RC=$?
+[ $TORCH_RC -ne 0 ] && tail -5 "$OUT/torch.log"
+
+python - "$OUT" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+def load(name):
+    path = os.path.join(out, name)
+    return json.load(open(path)) if os.path.exists(path) else None
+ours, torch = load("ours.json"), load("torch.json")
+rows = []
+if ours:
+    c, s = ours["per_chip"], ours["step_time_s"]
+    rows.append(("ours (JAX)", s["median"], s["min"], s["max"], c["examples_per_s"], c["model_tflops_per_s"],
+                 ours["mfu"], ours["hfu"], ours["memory"]["peak_bytes"], ours["compile_s"]))
+if torch:
+    s = torch["step_time_s"]
+    rows.append(("HF + PEFT", s["median"], s["min"], s["max"], torch["examples_per_s"], torch["model_tflops_per_s"],
+                 torch["mfu"], None, torch["peak_memory_bytes"], None))
+device = ours["device"]["kind"] if ours else (torch or {}).get("device", "?")
+print(f"\n11B architecture, bf16, {device}; model FLOPs/step "
+      f"{(ours or {}).get('flops_per_step', {}).get('model', float('nan')) / 1e12:.2f} TFLOP")
+head = f"{'':12}{'median s':>9}{'min s':>8}{'max s':>8}{'ex/s':>7}{'TFLOP/s':>9}{'MFU':>7}{'HFU':>7}{'mem GiB':>9}{'compile s':>10}"
+print(head)
+fmt = lambda v, f: format(v, f) if v is not None else "-"
+for name, med, lo, hi, ex, tf, mfu, hfu, mem, comp in rows:
+    print(f"{name:12}{med:9.3f}{lo:8.3f}{hi:8.3f}{ex:7.2f}{tf:9.1f}{fmt(mfu and 100 * mfu, '6.1f'):>6}%"
+          f"{fmt(hfu and 100 * hfu, '6.1f'):>6}%{fmt(mem and mem / 2**30, '9.1f'):>9}{fmt(comp, '10.1f'):>10}")
+if ours and torch:
+    print(f"speed-up of ours over HF + PEFT: {torch['step_time_s']['median'] / ours['step_time_s']['median']:.2f}x")
+EOF
+echo "elapsed $(( $(date +%s) - START )) s; ours rc=$OURS_RC, torch rc=$TORCH_RC"
