@@ -1,0 +1,65 @@
+"""A short `mme5 train` run in-process: it learns, logs (JSONL, TensorBoard, PNG), and stops on non-finite losses."""
+import json
+
+import numpy as np
+import pytest
+
+from train_fixtures import make_inputs, write_config
+
+import mme5_jax.data.pipeline as pipeline
+from mme5_jax.train import NonFiniteLossError, load_config, read_metrics, train
+
+pytestmark = pytest.mark.slow  # minutes of subprocess training; run with `pytest -m slow`
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_inputs(tmp_path_factory.mktemp("run"))
+
+
+def test_short_run_learns_and_logs(inputs):
+    config = load_config(write_config(inputs, "learn", {
+        "train": {"steps": 24}, "checkpoint": {"every_steps": 12},
+        "eval": {"every_steps": 0, "max_examples": 64, "batch_size": 32}}))
+    summary = train(config)
+    out = inputs / "learn"
+    records = read_metrics(out)
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == list(range(1, 25))
+    for key in ("loss", "accuracy", "grad_norm", "lr", "examples_per_s", "tokens_per_s_per_chip"):
+        assert all(np.isfinite(r[key]) for r in train_records), key
+    losses = [r["loss"] for r in train_records]
+    assert np.mean(losses[-6:]) < np.mean(losses[:6]) - 0.5
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 24]
+    assert all(r["num_queries"] == 64 and 0 <= r["recall@1"] <= 1 for r in evals)
+    assert (out / "curves.png").stat().st_size > 10_000
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 1000
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["kind"] == "eval"
+    assert summary["nonfinite_steps"] == 0
+    # Relaunching a finished run does nothing but report the final state.
+    again = train(config)
+    assert again["start_step"] == 24 and again["step"] == summary["step"]
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(inputs, monkeypatch):
+    """From the third batch on the pixels are NaN: those updates are skipped; the run stops after 3 of them."""
+    to_global_batch = pipeline.to_global_batch
+    calls = []
+
+    def poisoned(host_batch, mesh, pad_token_id):
+        calls.append(1)
+        if len(calls) >= 3:
+            host_batch["query"]["pixel_values"] = np.full_like(host_batch["query"]["pixel_values"], np.nan)
+        return to_global_batch(host_batch, mesh, pad_token_id)
+
+    monkeypatch.setattr(pipeline, "to_global_batch", poisoned)
+    config = load_config(write_config(inputs, "nan", {"train": {"steps": 20, "max_nonfinite_steps": 3},
+                                                      "checkpoint": {"every_steps": 100}}))
+    with pytest.raises(NonFiniteLossError, match=r"3 steps had a non-finite loss.*max_nonfinite_steps=3"):
+        train(config)
+    records = [r for r in read_metrics(inputs / "nan") if r["kind"] == "train"]
+    assert [r["skipped"] for r in records[:5]] == [0, 0, 1, 1, 1]
+    assert [r["nonfinite_steps"] for r in records[:5]] == [0, 0, 1, 2, 3]
+    assert np.isnan(records[2]["loss"]) and np.isfinite(records[1]["loss"])
