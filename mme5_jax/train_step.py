@@ -1,8 +1,9 @@
 """The jitted contrastive training step: adapters trained, base frozen, exact full-batch InfoNCE gradient.
 
 The model is split into (graphdef, trainable adapters, frozen rest); only the adapters get gradients and optimizer
-state. Every example's query, positive and k negatives are encoded together as one example-major batch
-[B * (2 + k)], so each device encodes its own examples and no rows move between devices.
+state. Queries, positives and negatives are encoded in one model call per slot group, each at its own length and
+modality; every group stays row-sharded like the batch, so each device encodes its own examples and no rows move
+between devices.
 
 With `chunk_size`, GradCache bounds activation memory by the chunk instead of the batch: encode all chunks
 without keeping activations, take the exact loss gradient with respect to the embeddings, then re-encode chunk by
@@ -141,19 +142,24 @@ class _Layout:
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec()))
 
 
-def group_inputs(batch):
-    """Query, positive and negatives -> one model input per example slot: {key: [B, 2 + k, ...]}."""
-    query, positive, negatives = batch["query"], batch["positive"], batch.get("negatives")
-    for name, group in (("positive", positive), ("negatives", negatives)):
-        if group is not None and set(group) != set(query):
-            raise ValueError(f"batch[{name!r}] has keys {sorted(group)}, batch['query'] has {sorted(query)}")
-    out = {}
-    for key in query:
-        parts = [query[key][:, None], positive[key][:, None]]
-        if negatives is not None:
-            parts.append(negatives[key])
-        out[key] = jnp.concatenate(parts, axis=1)
-    return out
+def slot_groups(batch):
+    """-> (inputs, row_ids): the query, positive and negative slots as separate model inputs [B, slots, ...].
+
+    Each group keeps its own sequence length and modality, so text-only targets never run the vision tower and
+    short targets are not padded to the queries' length. Row ids [B, slots] number the example-major rows
+    e * (2 + k) + slot, so dropout masks do not depend on grouping or chunking.
+    """
+    groups = [{key: value[:, None] for key, value in batch["query"].items()},
+              {key: value[:, None] for key, value in batch["positive"].items()}]
+    negatives = batch.get("negatives")
+    if negatives is not None and negatives["input_ids"].shape[1]:
+        groups.append(negatives)
+    b = groups[0]["input_ids"].shape[0]
+    widths = [group["input_ids"].shape[1] for group in groups]
+    offsets = [sum(widths[:i]) for i in range(len(widths))]
+    rows = [jnp.arange(b)[:, None] * sum(widths) + offset + jnp.arange(width)[None]
+            for offset, width in zip(offsets, widths)]
+    return tuple(groups), tuple(rows)
 
 
 def _flat(tree):
@@ -164,11 +170,6 @@ def _flat(tree):
 def _to_chunks(x, n_chunks):
     """[B, ...] -> [n_chunks, B / n_chunks, ...], chunk i = rows i, i + n_chunks, ... (strided)."""
     return jnp.swapaxes(x.reshape(x.shape[0] // n_chunks, n_chunks, *x.shape[1:]), 0, 1)
-
-
-def _flat_chunk(x):
-    """[n_chunks, chunk, S, ...] -> [n_chunks, chunk * S, ...]"""
-    return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
 def _from_chunks(x):
@@ -188,49 +189,49 @@ def make_loss_and_grad(graphdef, mesh, *, temperature=0.02, chunk_size=None, rul
     """(trainable, frozen, batch, rng) -> ((loss, metrics), grads): the traced core of the train step."""
     layout = _Layout(mesh, load_rules() if rules is None else rules)
 
-    def encode(trainable, frozen, inputs, row_ids, rng):
+    def encode(trainable, frozen, groups, rows, rng):
+        """Slot groups [b, slots_g, ...] -> embeddings [b, 2 + k, D], one model call per group."""
         model = nnx.merge(graphdef, trainable, frozen)
-        lora.seed_dropout(model, rng, row_ids)
-        return layout.constrain(model.embed(layout.constrain(inputs)))
+        out = []
+        for inputs, row_ids in zip(groups, rows):
+            lora.seed_dropout(model, rng, row_ids.reshape(-1))
+            embeddings = layout.constrain(model.embed(layout.constrain(_flat(inputs))))
+            out.append(embeddings.reshape(*row_ids.shape, -1))
+        return jnp.concatenate(out, axis=1)
 
     def plain(trainable, frozen, batch, rng):
-        grouped = group_inputs(batch)
-        b, slots = grouped["input_ids"].shape[:2]
-        row_ids = jnp.arange(b * slots)
+        groups, rows = slot_groups(batch)
 
         def loss_fn(t):
-            embeddings = encode(t, frozen, _flat(grouped), row_ids, rng).reshape(b, slots, -1)
-            return _contrastive(layout, embeddings, batch.get("negative_mask"), temperature)
+            return _contrastive(layout, encode(t, frozen, groups, rows, rng), batch.get("negative_mask"),
+                                temperature)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
 
     def gradcache(trainable, frozen, batch, rng):
-        grouped = group_inputs(batch)
-        b, slots = grouped["input_ids"].shape[:2]
+        groups, rows = slot_groups(batch)
+        b = rows[0].shape[0]
         if b % chunk_size:
             raise ValueError(f"global batch {b} is not divisible by chunk_size {chunk_size}")
         n_chunks = b // chunk_size
-        to_chunks = lambda x: _flat_chunk(layout.constrain(_to_chunks(x, n_chunks), lead=1))
-        chunks = jax.tree.map(to_chunks, grouped)
-        rows = _flat_chunk(_to_chunks(jnp.arange(b * slots).reshape(b, slots), n_chunks))
+        to_chunks = lambda x: layout.constrain(_to_chunks(x, n_chunks), lead=1)
+        chunks = jax.tree.map(to_chunks, (groups, rows))
         constant = jax.lax.stop_gradient(trainable)
 
         def forward(chunk):
-            inputs, row_ids = chunk
-            return encode(constant, frozen, inputs, row_ids, rng)
+            return encode(constant, frozen, *chunk, rng)
 
-        embeddings = _from_chunks(jax.lax.map(forward, (chunks, rows)).reshape(n_chunks, chunk_size, slots, -1))
+        embeddings = _from_chunks(jax.lax.map(forward, chunks))
         (loss, metrics), emb_grad = jax.value_and_grad(
             lambda e: _contrastive(layout, e, batch.get("negative_mask"), temperature), has_aux=True)(embeddings)
-        emb_grad = to_chunks(emb_grad)
 
         def backward(acc, chunk):
-            inputs, row_ids, grad = chunk
-            _, vjp = jax.vjp(lambda t: encode(t, frozen, inputs, row_ids, rng), trainable)
+            (groups, rows), grad = chunk
+            _, vjp = jax.vjp(lambda t: encode(t, frozen, groups, rows, rng), trainable)
             return jax.tree.map(jnp.add, acc, vjp(grad)[0]), None
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
-        grads, _ = jax.lax.scan(backward, zeros, (chunks, rows, emb_grad))
+        grads, _ = jax.lax.scan(backward, zeros, (chunks, to_chunks(emb_grad)))
         return (loss, metrics), grads
 
     return plain if chunk_size is None else gradcache
@@ -252,7 +253,7 @@ class TrainStep:
 
     def _update(self, state, batch, rng):
         (loss, metrics), grads = self.loss_and_grad(state.trainable, state.frozen, batch, rng)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)

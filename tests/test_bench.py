@@ -73,8 +73,7 @@ def test_forward_flops_within_10_percent_of_xla(call):
 def test_step_flops_within_10_percent_of_xla(config_path, overrides):
     config = load_config(config_path, overrides)
     cfg = model_config(config)
-    calls, executed = flops_calls(config, cfg)
-    ours = step_flops(cfg, calls, adapter_config(config), num_queries=4, executed=executed,
+    ours = step_flops(cfg, flops_calls(config, cfg), adapter_config(config), num_queries=4,
                       grad_cache=bool(overrides))
     xla = xla_step_flops(config)
     print(f"step {overrides}: ours {ours.hardware:.4g} (model {ours.model:.4g}), XLA {xla:.4g}, "

@@ -37,11 +37,8 @@ def peft_targets(config, cfg):
     return lora.peft_target_modules(nnx.eval_shape(adapted))
 
 
-def torch_step_fn(config, cfg, host_batch, threads, device="cpu", gradient_checkpointing=False, one_call=False):
-    """-> (step(), number of trainable params): one HF + PEFT InfoNCE step with AdamW on the given batch.
-
-    `one_call` encodes queries and targets in one call laid out as ours does (common length, every row through
-    the vision tower); it separates the engine's speed from the cost of that layout."""
+def torch_step_fn(config, cfg, host_batch, threads, device="cpu", gradient_checkpointing=False):
+    """-> (step(), number of trainable params): one HF + PEFT InfoNCE step with AdamW on the given batch."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import MllamaConfig, MllamaForConditionalGeneration
@@ -66,26 +63,15 @@ def torch_step_fn(config, cfg, host_batch, threads, device="cpu", gradient_check
     params = [p for p in model.parameters() if p.requires_grad]
     t = config["train"]
     optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"], betas=(0.9, 0.999), eps=1e-8)
-    b = config["batch"]
 
-    def tensors(slot, length, with_image):
-        keys = ["input_ids", "attention_mask"]
-        if with_image:
-            keys += ["pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"]
-        out = {}
-        for key in keys:
-            value = torch.from_numpy(host_batch[slot][key])
-            if key in ("input_ids", "attention_mask", "cross_attention_mask"):
-                value = value[:, :length]
-            out[key] = (value.to(torch_dtype) if key == "pixel_values" else value.long()).to(device)
-        return out
+    def tensors(slot):
+        keys = ("input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
+                "cross_attention_mask")
+        return {key: (torch.from_numpy(value).to(torch_dtype) if key == "pixel_values"
+                      else torch.from_numpy(value).long()).to(device)
+                for key, value in host_batch[slot].items() if key in keys}
 
-    query = tensors("query", b["query_tokens"], b["query_tiles"] > 0)
-    target = tensors("positive", b["target_tokens"], b["target_tiles"] > 0)
-    if one_call:
-        length = max(b["query_tokens"], b["target_tokens"])
-        both = {k: torch.cat([tensors("query", length, True)[k], tensors("positive", length, True)[k]])
-                for k in tensors("query", length, True)}
+    query, target = tensors("query"), tensors("positive")
 
     def embed(inputs):
         hidden = encoder(**inputs).last_hidden_state
@@ -95,10 +81,7 @@ def torch_step_fn(config, cfg, host_batch, threads, device="cpu", gradient_check
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        if one_call:
-            q, p = embed(both).chunk(2)
-        else:
-            q, p = embed(query), embed(target)
+        q, p = embed(query), embed(target)
         logits = q @ p.T / t["temperature"]
         loss = torch.nn.functional.cross_entropy(logits, torch.arange(q.shape[0], device=logits.device))
         loss.backward()
@@ -159,8 +142,7 @@ def torch_only(args, config):
         if i >= args.warmup:
             times.append(seconds)
     b = config["batch"]
-    calls, _ = flops_calls(config, cfg)
-    flops = step_flops(cfg, calls, adapter_config(config), num_queries=b["pairs"], num_negatives=b["negatives"])
+    flops = step_flops(cfg, flops_calls(config, cfg), adapter_config(config), num_queries=b["pairs"], num_negatives=b["negatives"])
     median = statistics.median(times)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     peak = table_peak(name)
@@ -185,8 +167,6 @@ def alternate(args, config):
     if jax_params != torch_params:
         raise SystemExit(f"trainable parameter counts differ: ours {jax_params}, torch {torch_params}")
     sides = {"torch": torch_step, "jax": jax_step}
-    if args.torch_one_call:
-        sides["torch_one_call"] = torch_step_fn(config, cfg, host_batch, args.threads, one_call=True)[0]
     for _ in tqdm(range(args.warmup), desc="warmup"):
         for fn in sides.values():
             fn()
@@ -228,8 +208,6 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch device (with --torch-only)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="HF gradient checkpointing (the peer of remat=full)")
-    parser.add_argument("--torch-one-call", action="store_true",
-                        help="also time HF + PEFT encoding queries and targets in one call, laid out as ours")
     parser.add_argument("--output", help="write the measurements here as JSON")
     args = parser.parse_args(argv)
 

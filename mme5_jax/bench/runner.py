@@ -1,8 +1,8 @@
 """One training-step benchmark: build the model with adapters, compile the real train step once, time N steps.
 
-Inputs are synthetic (random pixels and token ids at fixed shapes), laid out exactly as the Grain pipeline lays
-them out: every example's query and target slots share one sequence length and one `pixel_values` shape, and a
-text-only target carries zero tiles with `has_image` false. Timing covers the device step only.
+Inputs are synthetic (random pixels and token ids at fixed shapes): queries, positives and negatives each at their
+own length, and a text-only group without image arrays, so the train step's per-group encoding skips the vision
+tower for it. Timing covers the device step only.
 
 Reported per chip: examples/s, text tokens/s (real, unpadded tokens), image tiles/s, model TFLOP/s, MFU and HFU
 (mme5_jax.bench.flops against mme5_jax.bench.peaks), step time median/min/max, compile time, peak memory.
@@ -130,7 +130,7 @@ def adapter_config(config):
 
 
 def flops_calls(config, cfg):
-    """(model calls, executed calls) for mme5_jax.bench.flops.step_flops."""
+    """The step's model calls for mme5_jax.bench.flops.step_flops: each slot group at its own length and tiles."""
     from mme5_jax.bench.flops import Encode
 
     b = config["batch"]
@@ -138,45 +138,38 @@ def flops_calls(config, cfg):
     calls = [Encode(n, b["query_tokens"], b["query_tiles"]), Encode(n, b["target_tokens"], b["target_tiles"])]
     if k:
         calls.append(Encode(n * k, b["target_tokens"], b["target_tiles"]))
-    tiles = max(b["query_tiles"], b["target_tiles"])
-    executed = [Encode(n * (2 + k), max(b["query_tokens"], b["target_tokens"]), tiles)]
-    return calls, executed
+    return calls
 
 
 def synthetic_batch(config, cfg, seed=0) -> dict:
-    """A host batch shaped like the Grain pipeline's (negatives [B, k, ...], k may be 0)."""
+    """A host batch shaped like the Grain pipeline's: query, positive and negatives [B, k, ...] (absent when k is
+    0), each group at its own length; a group without tiles carries no image arrays, as text-only inputs do."""
     b = config["batch"]
     rng = np.random.default_rng(seed)
     n, k = b["pairs"], b["negatives"]
-    length = max(b["query_tokens"], b["target_tokens"])
-    tiles = max(b["query_tiles"], b["target_tiles"])
 
-    def slot(rows, tokens, slot_tiles):
+    def slot(rows, length, tiles):
         v, t = cfg.vision, cfg.text
         ids = rng.integers(3, t.vocab_size, (rows, length)).astype(np.int32)
-        mask = (np.arange(length) < tokens)[None].repeat(rows, 0).astype(np.int32)
-        ids = np.where(mask.astype(bool), ids, t.pad_token_id).astype(np.int32)
-        out = {"input_ids": ids, "attention_mask": mask}
+        out = {"input_ids": ids, "attention_mask": np.ones((rows, length), np.int32)}
         if tiles:
-            pixels = np.zeros((rows, 1, tiles, v.num_channels, v.image_size, v.image_size), np.float32)
-            pixels[:, :, :slot_tiles] = rng.standard_normal((rows, 1, slot_tiles, *pixels.shape[3:]), np.float32)
-            grid = next((i + 1 for i, (h, w) in enumerate(v.supported_aspect_ratios) if h * w == slot_tiles), 0)
-            if slot_tiles:
-                ids[:, 0] = cfg.image_token_index
-            out.update(pixel_values=pixels, aspect_ratio_ids=np.full((rows, 1), grid, np.int32),
-                       aspect_ratio_mask=(np.arange(tiles) < slot_tiles)[None, None].repeat(rows, 0).astype(np.int32),
-                       cross_attention_mask=np.broadcast_to((np.arange(tiles) < slot_tiles).astype(np.int32),
-                                                            (rows, length, 1, tiles)).copy(),
-                       has_image=np.full((rows,), slot_tiles > 0))
+            grid = next(i + 1 for i, (h, w) in enumerate(v.supported_aspect_ratios) if h * w == tiles)
+            ids[:, 0] = cfg.image_token_index
+            out.update(pixel_values=rng.standard_normal((rows, 1, tiles, v.num_channels, v.image_size, v.image_size),
+                                                        np.float32),
+                       aspect_ratio_ids=np.full((rows, 1), grid, np.int32),
+                       aspect_ratio_mask=np.ones((rows, 1, tiles), np.int32),
+                       cross_attention_mask=np.ones((rows, length, 1, tiles), np.int32),
+                       has_image=np.ones((rows,), bool))
         return out
 
     batch = {"query": slot(n, b["query_tokens"], b["query_tiles"]),
-             "positive": slot(n, b["target_tokens"], b["target_tiles"])}
-    negatives = slot(n * k, b["target_tokens"], b["target_tiles"])
-    batch["negatives"] = {key: v.reshape(n, k, *v.shape[1:]) for key, v in negatives.items()}
-    batch["negative_mask"] = np.ones((n, k), bool)
-    batch["source_index"] = np.zeros((n,), np.int32)
-    batch["record_index"] = np.arange(n, dtype=np.int32)
+             "positive": slot(n, b["target_tokens"], b["target_tiles"]),
+             "source_index": np.zeros((n,), np.int32), "record_index": np.arange(n, dtype=np.int32)}
+    if k:
+        negatives = slot(n * k, b["target_tokens"], b["target_tiles"])
+        batch["negatives"] = {key: v.reshape(n, k, *v.shape[1:]) for key, v in negatives.items()}
+        batch["negative_mask"] = np.ones((n, k), bool)
     return batch
 
 
@@ -290,10 +283,9 @@ def run_bench(config, progress=True) -> dict:
     if not np.isfinite(loss):
         raise FloatingPointError(f"benchmark step produced a non-finite loss {loss}")
 
-    calls, executed = flops_calls(config, cfg)
     b, t = config["batch"], config["train"]
-    flops = step_flops(cfg, calls, adapter_config(config), num_queries=b["pairs"], num_negatives=b["negatives"],
-                       executed=executed, grad_cache=t["chunk_size"] is not None, remat=config["remat"],
+    flops = step_flops(cfg, flops_calls(config, cfg), adapter_config(config), num_queries=b["pairs"],
+                       num_negatives=b["negatives"], grad_cache=t["chunk_size"] is not None, remat=config["remat"],
                        dropout_active=True)
     n_dev = mesh.devices.size
     peak = peak_per_device(list(mesh.devices.flat), config["dtype"])

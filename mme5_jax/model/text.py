@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mme5_jax.config import TextConfig
-from mme5_jax.model.layers import (ACTIVATIONS, NEG_INF, Linear, RMSNorm, Stack, apply_rope, attention, param, rope_cos_sin,
-                                   rope_inv_freq)
+from mme5_jax.model.layers import (ACTIVATIONS, CausalMask, Linear, RMSNorm, Stack, TileMask, apply_rope, attention,
+                                   param, rope_cos_sin, rope_inv_freq)
 
 
 class SelfAttention(nnx.Module):
@@ -29,7 +29,7 @@ class SelfAttention(nnx.Module):
         split = lambda t: t.reshape(b, n, -1, self.head_dim)
         q = apply_rope(split(self.q_proj(x)), ctx["cos"], ctx["sin"])
         k = apply_rope(split(self.k_proj(x)), ctx["cos"], ctx["sin"])
-        return self.o_proj(attention(q, k, split(self.v_proj(x)), ctx["self_bias"]))
+        return self.o_proj(attention(q, k, split(self.v_proj(x)), ctx["self_mask"]))
 
 
 class CrossAttention(nnx.Module):
@@ -50,7 +50,7 @@ class CrossAttention(nnx.Module):
         q = self.q_norm(self.q_proj(x).reshape(b, n, -1, self.head_dim))
         k = self.k_norm(self.k_proj(vision).reshape(b, vision.shape[1], -1, self.head_dim))
         v = self.v_proj(vision).reshape(b, vision.shape[1], -1, self.head_dim)
-        return self.o_proj(attention(q, k, v, ctx["cross_bias"]))
+        return self.o_proj(attention(q, k, v, ctx["cross_mask"]))
 
 
 class MLP(nnx.Module):
@@ -137,14 +137,10 @@ class TextModel(nnx.Module):
         x = self.embed_tokens[...][input_ids].astype(self.dtype)
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         cos, sin = rope_cos_sin(jnp.arange(n), inv_freq, self.dtype)
-        key_valid = attention_mask.astype(bool)
-        causal = jnp.tril(jnp.ones((n, n), bool))
-        ctx = dict(cos=cos, sin=sin,
-                   self_bias=jnp.where(causal[None] & key_valid[:, None, :], 0.0, NEG_INF)[:, None],
-                   cross_states=None)
+        ctx = dict(cos=cos, sin=sin, self_mask=CausalMask(attention_mask.astype(bool)), cross_states=None)
         if cross_states is not None:
             ctx.update(cross_states=cross_states.astype(self.dtype), has_image=has_image.astype(bool),
-                       **cross_attention_bias(cross_attention_mask, cross_states.shape[1], self.dtype))
+                       **cross_attention_mask_of(cross_attention_mask, cross_states.shape[1], self.dtype))
         x, collected = self.blocks(x, ctx, collect=collect)
         x = self.norm(x)
         if collect:
@@ -152,14 +148,10 @@ class TextModel(nnx.Module):
         return x
 
 
-def cross_attention_bias(cross_attention_mask, num_vision_tokens, dtype):
-    """HF `_prepare_cross_attention_mask`: per-tile mask [B,L,1,T] -> additive bias over vision tokens.
-
-    Rows that may see no tile get a zero bias (uniform attention) and a zero `row_mask` for their MLP output.
-    """
+def cross_attention_mask_of(cross_attention_mask, num_vision_tokens, dtype):
+    """HF `_prepare_cross_attention_mask`: the per-tile mask [B,L,1,T] -> a `TileMask` over the vision tokens, and
+    a `row_mask` that zeroes the MLP output of rows that may see no tile."""
     b, n = cross_attention_mask.shape[:2]
     tiles = cross_attention_mask.reshape(b, n, -1).astype(bool)
-    allowed = jnp.repeat(tiles, num_vision_tokens // tiles.shape[-1], axis=-1)
-    row_has = allowed.any(-1)
-    bias = jnp.where(row_has[..., None] & ~allowed, NEG_INF, 0.0)
-    return dict(cross_bias=bias[:, None], row_mask=row_has[..., None].astype(dtype))
+    return dict(cross_mask=TileMask(tiles, num_vision_tokens // tiles.shape[-1]),
+                row_mask=tiles.any(-1)[..., None].astype(dtype))

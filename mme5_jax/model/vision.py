@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mme5_jax.config import VisionConfig
-from mme5_jax.model.layers import ACTIVATIONS, NEG_INF, LayerNorm, Linear, Stack, attention, param
+from mme5_jax.model.layers import ACTIVATIONS, LayerNorm, Linear, PaddingPairMask, Stack, attention, param
 
 
 class VisionAttention(nnx.Module):
@@ -23,10 +23,10 @@ class VisionAttention(nnx.Module):
         self.o_proj = Linear(d, d, ("heads", "embed"), **kw)
         self.num_heads = cfg.num_attention_heads
 
-    def __call__(self, x, bias):
+    def __call__(self, x, mask):
         b, n, _ = x.shape
         split = lambda t: t.reshape(b, n, self.num_heads, -1)
-        out = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), bias)
+        out = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask)
         return self.o_proj(out)
 
 
@@ -54,8 +54,8 @@ class VisionLayer(nnx.Module):
             self.gate_attn[...] = self.gate_attn[...] * (math.pi / 4)
             self.gate_ffn[...] = self.gate_ffn[...] * (math.pi / 4)
 
-    def __call__(self, x, bias, collect=False):
-        h = self.self_attn(self.input_layernorm(x), bias)
+    def __call__(self, x, mask, collect=False):
+        h = self.self_attn(self.input_layernorm(x), mask)
         if self.gated:
             h = jnp.tanh(self.gate_attn[...]).astype(h.dtype) * h
         x = x + h
@@ -130,18 +130,17 @@ class VisionModel(nnx.Module):
         n_pad = cfg.padded_num_patches
         x = jnp.pad(x, ((0, 0), (0, 0), (0, n_pad - n_patch), (0, 0))).reshape(b, t * n_pad, d)
         valid = aspect_ratio_mask.astype(bool)[:, :, None] & (jnp.arange(n_pad) < n_patch)[None, None, :]
-        invalid = ~valid.reshape(b, t * n_pad)
-        bias = jnp.where(invalid[:, :, None] & invalid[:, None, :], NEG_INF, 0.0)[:, None]
+        mask = PaddingPairMask(~valid.reshape(b, t * n_pad))
 
         intermediates = []
         for segment in self.local_segments:
-            x, _ = segment(x, bias)
+            x, _ = segment(x, mask)
             intermediates.append(x)
         intermediates = intermediates[: len(cfg.intermediate_layers_indices)]
         x = self.layernorm_post(x)
         x = x.reshape(b, t, n_pad, d)
         x = x + self._gated(self.post_tile_embedding, self.post_tile_gate, aspect_ratio_ids).reshape(b, t, 1, d)
-        x, _ = self.global_layers(x.reshape(b, t * n_pad, d), bias)
+        x, _ = self.global_layers(x.reshape(b, t * n_pad, d), mask)
         # HF stacks the intermediate layers on a trailing axis before flattening: features interleave as [d, layer].
         inter = jnp.stack(intermediates, axis=-1).reshape(b, t, n_pad, d * len(intermediates))
         x = x.reshape(b, t, n_pad, d)
