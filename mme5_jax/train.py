@@ -391,61 +391,14 @@ def ensure_demo_inputs(config):
             raise TrainConfigError(f"model.processor_dir: {processor_dir!r} has no preprocessor_config.json")
         if jax.process_index() == 0:
             from mme5_jax.config import ModelConfig
+            from mme5_jax.llama3_processor import write_processor_dir
 
             vision = ModelConfig.from_yaml(config.model.config).vision
-            write_llama3_processor_dir(processor_dir, vision.image_size, vision.max_num_tiles)
+            try:
+                write_processor_dir(processor_dir, vision.image_size, vision.max_num_tiles)
+            except ImportError as error:
+                raise TrainConfigError(f"model.processor_dir: {processor_dir!r} does not exist, and {error}") from None
         _sync("mme5-demo-processor")
-
-
-def write_llama3_processor_dir(path, image_size, max_image_tiles):
-    """A Llama-3.2-Vision processor directory built offline from the Llama-3 tokenizer inside `llama-models`.
-
-    Demo models are randomly initialised and ship no tokenizer; this one gives them the real Llama-3 vocabulary
-    (the HF Mllama layout: 256 special tokens from 128000, `<|image|>` at 128256).
-    """
-    import tempfile
-
-    try:
-        import llama_models.llama3
-    except ImportError:
-        raise TrainConfigError(f"model.processor_dir: {path!r} does not exist, and building it needs the "
-                               "`llama-models` package (pip install llama-models tiktoken)") from None
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    named = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-             "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
-             "<|eot_id|>", "<|python_tag|>"]
-    special = named + [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(named))] + ["<|image|>"]
-    model_file = os.path.join(os.path.dirname(llama_models.llama3.__file__), "tokenizer.model")
-    backend = TikTokenConverter(vocab_file=model_file, extra_special_tokens=special).converted()
-    bos = "<|begin_of_text|>"
-    backend.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-                                      special_tokens=[(bos, 128000)])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token="<|end_of_text|>",
-                                        pad_token="<|finetune_right_pad_id|>", model_max_length=131072,
-                                        clean_up_tokenization_spaces=True,
-                                        model_input_names=["input_ids", "attention_mask"])
-    parent = Path(path).absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".processor-", dir=parent))
-    tokenizer.save_pretrained(staging)
-    tokenizer_config = json.loads((staging / "tokenizer_config.json").read_text(encoding="utf-8"))
-    tokenizer_config.pop("backend", None)
-    tokenizer_config.update(tokenizer_class="PreTrainedTokenizerFast", processor_class="MllamaProcessor")
-    (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
-    preprocessor = {"image_processor_type": "MllamaImageProcessor", "processor_class": "MllamaProcessor",
-                    "do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True,
-                    "do_resize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                    "image_std": [0.26862954, 0.26130258, 0.27577711], "max_image_tiles": max_image_tiles,
-                    "resample": 2, "rescale_factor": 1 / 255, "size": {"height": image_size, "width": image_size}}
-    (staging / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2), encoding="utf-8")
-    (staging / "processor_config.json").write_text(json.dumps({"processor_class": "MllamaProcessor"}),
-                                                   encoding="utf-8")
-    os.rename(staging, path)
 
 
 def _sync(name):

@@ -1,9 +1,9 @@
 """The jitted contrastive training step: adapters trained, base frozen, exact full-batch InfoNCE gradient.
 
 The model is split into (graphdef, trainable adapters, frozen rest); only the adapters get gradients and optimizer
-state. Queries, positives and negatives are encoded in one model call per slot group, each at its own length and
-modality; every group stays row-sharded like the batch, so each device encodes its own examples and no rows move
-between devices.
+state. Queries, positives and negatives are encoded in one model call per distinct input shape: groups laid out
+alike share a call, while e.g. text-only targets get their own and never run the vision tower. Every call stays
+row-sharded like the batch, so each device encodes its own examples and no rows move between devices.
 
 With `chunk_size`, GradCache bounds activation memory by the chunk instead of the batch: encode all chunks
 without keeping activations, take the exact loss gradient with respect to the embeddings, then re-encode chunk by
@@ -190,13 +190,25 @@ def make_loss_and_grad(graphdef, mesh, *, temperature=0.02, chunk_size=None, rul
     layout = _Layout(mesh, load_rules() if rules is None else rules)
 
     def encode(trainable, frozen, groups, rows, rng):
-        """Slot groups [b, slots_g, ...] -> embeddings [b, 2 + k, D], one model call per group."""
+        """Slot groups [b, slots_g, ...] -> embeddings [b, 2 + k, D]. Groups with the same input signature (keys,
+        trailing shapes, dtypes) share one model call; the others get their own."""
         model = nnx.merge(graphdef, trainable, frozen)
-        out = []
-        for inputs, row_ids in zip(groups, rows):
+        calls = {}
+        for index, inputs in enumerate(groups):
+            signature = tuple(sorted((key, value.shape[2:], value.dtype.name) for key, value in inputs.items()))
+            calls.setdefault(signature, []).append(index)
+        out = [None] * len(groups)
+        for members in calls.values():
+            inputs = {key: jnp.concatenate([groups[i][key] for i in members], axis=1) for key in groups[members[0]]}
+            row_ids = jnp.concatenate([rows[i] for i in members], axis=1)
             lora.seed_dropout(model, rng, row_ids.reshape(-1))
             embeddings = layout.constrain(model.embed(layout.constrain(_flat(inputs))))
-            out.append(embeddings.reshape(*row_ids.shape, -1))
+            embeddings = embeddings.reshape(*row_ids.shape, -1)
+            offsets = [0]
+            for i in members:
+                offsets.append(offsets[-1] + rows[i].shape[1])
+            for i, start, stop in zip(members, offsets, offsets[1:]):
+                out[i] = embeddings[:, start:stop]
         return jnp.concatenate(out, axis=1)
 
     def plain(trainable, frozen, batch, rng):

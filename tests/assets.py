@@ -6,7 +6,6 @@ test files: keep the names and signatures stable.
 """
 import functools
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -14,35 +13,10 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-# Llama 3.1 special-token names in id order from 128000 (the `llama-models` 3.1 list); Mllama adds `<|image|>`
-# after them at 128256 instead of taking one of these slots as Meta's own 3.2 tokenizer does.
-_NAMED_SPECIAL_TOKENS = [
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>",
-    "<|step_id|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eom_id|>",
-    "<|eot_id|>",
-    "<|python_tag|>",
-]
-_NUM_SPECIAL_TOKENS = 256
-IMAGE_TOKEN = "<|image|>"
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+from mme5_jax.llama3_processor import write_processor_dir, tokenizer_model_file, write_tokenizer_files
 
-
-def llama3_special_tokens() -> list[str]:
-    """The 256 Llama-3 special tokens (ids 128000..128255) followed by Mllama's `<|image|>` (128256)."""
-    reserved = [f"<|reserved_special_token_{2 + i}|>" for i in range(_NUM_SPECIAL_TOKENS - len(_NAMED_SPECIAL_TOKENS))]
-    return _NAMED_SPECIAL_TOKENS + reserved + [IMAGE_TOKEN]
-
-
-# Bump when the tokenizer files written below change, so that stale disk caches are not reused.
-_TOKENIZER_BUILD_VERSION = 1
+# Bump when the tokenizer files written by mme5_jax.llama3_processor change, so stale disk caches are not reused.
+_TOKENIZER_BUILD_VERSION = 2
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,12 +26,10 @@ def _tokenizer_dir() -> str:
     The cache lives in `$MME5_TEST_CACHE` (default `~/.cache/mme5_jax_tests`), keyed by the source file and the
     tokenizer library versions; it is written to a temporary directory and renamed into place atomically.
     """
-    import llama_models.llama3
     import tokenizers
     import transformers
 
-    model_file = os.path.join(os.path.dirname(llama_models.llama3.__file__), "tokenizer.model")
-    stat = os.stat(model_file)
+    stat = os.stat(tokenizer_model_file())
     key = hashlib.sha256(
         f"{_TOKENIZER_BUILD_VERSION}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}:"
         f"{tokenizers.__version__}".encode()
@@ -69,7 +41,7 @@ def _tokenizer_dir() -> str:
         return target
     os.makedirs(cache_root, exist_ok=True)
     staging = tempfile.mkdtemp(prefix="building_", dir=cache_root)
-    _build_tokenizer(model_file, staging)
+    write_tokenizer_files(staging)
     try:
         os.rename(staging, target)
     except OSError:  # another process got there first (identical files) or left something unusable
@@ -79,76 +51,9 @@ def _tokenizer_dir() -> str:
     return target
 
 
-def _build_tokenizer(model_file: str, out: str) -> None:
-    """Converts the tiktoken BPE from `llama-models` into HF fast-tokenizer files in `out`."""
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    converter = TikTokenConverter(vocab_file=model_file, extra_special_tokens=llama3_special_tokens())
-    backend = converter.converted()
-    # Like the released Llama-3 tokenizer.json: byte-level offsets, then BOS prepended by the post-processor.
-    bos = "<|begin_of_text|>"
-    backend.post_processor = processors.Sequence(
-        [
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single=f"{bos}:0 $A:0",
-                pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-                special_tokens=[(bos, 128000)],
-            ),
-        ]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=bos,
-        eos_token="<|end_of_text|>",
-        pad_token="<|finetune_right_pad_id|>",
-        model_max_length=131072,
-        clean_up_tokenization_spaces=True,
-        model_input_names=["input_ids", "attention_mask"],
-    )
-    tokenizer.save_pretrained(out)
-    config_path = os.path.join(out, "tokenizer_config.json")
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
-    # The released checkpoint names the generic fast tokenizer class; transformers 5.x saves its own alias.
-    config.pop("backend", None)
-    config.update(tokenizer_class="PreTrainedTokenizerFast", processor_class="MllamaProcessor")
-    with open(config_path, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, ensure_ascii=False)
-
-
 def make_processor_dir(path: str, image_size: int = 448, max_image_tiles: int = 4, resample: int = 2) -> str:
-    """Writes a Llama-3.2-Vision style processor directory (tokenizer + image processor config) into `path`.
-
-    `resample` is the PIL filter id stored in preprocessor_config.json (2 = bilinear, 3 = bicubic).
-    Returns `path`, which `transformers.AutoProcessor.from_pretrained` loads as an `MllamaProcessor`.
-    """
-    os.makedirs(path, exist_ok=True)
-    source = _tokenizer_dir()
-    for name in os.listdir(source):
-        shutil.copy(os.path.join(source, name), os.path.join(path, name))
-    preprocessor = {
-        "image_processor_type": "MllamaImageProcessor",
-        "processor_class": "MllamaProcessor",
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_pad": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD,
-        "max_image_tiles": max_image_tiles,
-        "resample": resample,
-        "rescale_factor": 1 / 255,
-        "size": {"height": image_size, "width": image_size},
-    }
-    with open(os.path.join(path, "preprocessor_config.json"), "w", encoding="utf-8") as f:
-        json.dump(preprocessor, f, indent=2)
-    with open(os.path.join(path, "processor_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"processor_class": "MllamaProcessor"}, f, indent=2)
-    return path
+    """`mme5_jax.llama3_processor.write_processor_dir` with the tokenizer files from the test cache."""
+    return write_processor_dir(path, image_size, max_image_tiles, resample, tokenizer_files=_tokenizer_dir())
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,7 +11,6 @@ import pytest
 import torch
 from flax import nnx
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-from transformers import MllamaConfig
 
 from hf_reference import GQA_LLAMA3_CONFIG, rel_err, tiny_hf_model
 from mme5_jax.config import ModelConfig

@@ -51,7 +51,7 @@ def batch_table(config, batches, chunk):
             rows.append(point)
             print(f"batch={b} {mode}:", point.get("error") or f"{point['memory']['peak_bytes'] / 2**20:.0f} MiB",
                   flush=True)
-    lines = [f"| global batch | mode | step median s | examples/s | peak memory MiB | temporaries MiB |",
+    lines = ["| global batch | mode | step median s | examples/s | peak memory MiB | temporaries MiB |",
              "|---|---|---|---|---|---|"]
     for p in rows:
         b = p["overrides"][1].split("=")[1]

@@ -5,7 +5,6 @@ compile time does not grow with depth. HF's cross-attention quirks are reproduce
 image skips the cross-attention layers entirely, and text rows that see no image attend uniformly to all vision
 tokens with only their MLP output masked.
 """
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

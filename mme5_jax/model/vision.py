@@ -5,7 +5,6 @@ aspect-ratio attention mask only masks (query, key) pairs where *both* are paddi
 """
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
