@@ -9,7 +9,6 @@ from train_fixtures import make_inputs, write_config
 
 from mme5_jax.cli import main as mme5
 
-pytestmark = pytest.mark.slow  # minutes of subprocess training; run with `pytest -m slow`
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from train_fixtures import make_inputs, subprocess_env, train_command, train_los
 
 from mme5_jax.train import load_config, train
 
-pytestmark = pytest.mark.slow  # minutes of subprocess training; run with `pytest -m slow`
 
 STEPS = 10
 # Dropout keys follow a row's position in the global batch, which differs between 1 and 2 processes (each

@@ -9,7 +9,6 @@ from train_fixtures import make_inputs, write_config
 import mme5_jax.data.pipeline as pipeline
 from mme5_jax.train import NonFiniteLossError, load_config, read_metrics, train
 
-pytestmark = pytest.mark.slow  # minutes of subprocess training; run with `pytest -m slow`
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ Two totals come out:
 - **model FLOPs** (MFU numerator): the work the recipe needs. Causal self-attention counts only the (query, key)
   pairs the mask keeps (about half).
 - **hardware FLOPs** (HFU numerator): what our implementation executes, from the forwards as it runs them (one
-  call per step, every slot padded to a common length and through the vision tower when any slot has an image).
+  call per slot-group shape; with the Grain pipeline's batches every slot padded to the batch's length bucket).
   Attention computes the full masked matrix; GradCache runs an extra forward of every encoder call; remat
   recomputes the forward of scanned layers that backpropagate ("full": every matmul; "dots_no_batch": attention
   einsums; "dots": none; approximate, as XLA may skip recomputing outputs the backward does not read).
@@ -209,8 +209,8 @@ def step_flops(cfg: ModelConfig, calls, adapter, *, num_queries: int, num_negati
     the backward pass.
 
     `calls` are the model's work (e.g. queries with images, positives text-only at their own lengths); `executed`
-    the forwards as the implementation runs them, if different (ours encodes every slot of an example in one call,
-    padded to a common length and with the vision tower on every row). Model FLOPs come from `calls`, hardware
+    the forwards as the implementation runs them, if different (e.g. the Grain pipeline pads every slot of a batch
+    to one length bucket and one image layout, so its slots share one padded call). Model FLOPs come from `calls`, hardware
     FLOPs from `executed`.
     """
     if remat not in REMAT_RECOMPUTE:
