@@ -67,8 +67,8 @@ def write_processor_dir(path, image_size=448, max_image_tiles=4, resample=2, tok
     """Writes a processor directory that `transformers.AutoProcessor` loads as an `MllamaProcessor`; -> `path`.
 
     `tokenizer_files`: a directory from `write_tokenizer_files` to copy instead of converting again. `resample`
-    is the PIL filter id (2 bilinear, 3 bicubic). The directory appears whole or not at all (staged, renamed);
-    an existing empty `path` is replaced.
+    is the PIL filter id (2 bilinear, 3 bicubic). A new directory appears whole or not at all (staged, renamed);
+    into an existing one (e.g. a model directory) the files are moved one by one.
     """
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,10 +87,11 @@ def write_processor_dir(path, image_size=448, max_image_tiles=4, resample=2, tok
         (staging / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2), encoding="utf-8")
         (staging / "processor_config.json").write_text(json.dumps({"processor_class": "MllamaProcessor"}),
                                                        encoding="utf-8")
-        if path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-        os.rename(staging, path)
-    except BaseException:
+        if path.is_dir():
+            for name in os.listdir(staging):
+                os.replace(staging / name, path / name)
+        else:
+            os.rename(staging, path)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     return str(path)
