@@ -10,6 +10,7 @@ without keeping activations, take the exact loss gradient with respect to the em
 chunk under `jax.vjp` and accumulate the adapter gradients. Chunk i holds examples i, i + n, i + 2n, ... (n chunks),
 which on a row-sharded batch is a local reshape: every chunk spans all data shards without an all-to-all.
 """
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -203,12 +204,9 @@ def make_loss_and_grad(graphdef, mesh, *, temperature=0.02, chunk_size=None, rul
             row_ids = jnp.concatenate([rows[i] for i in members], axis=1)
             lora.seed_dropout(model, rng, row_ids.reshape(-1))
             embeddings = layout.constrain(model.embed(layout.constrain(_flat(inputs))))
-            embeddings = embeddings.reshape(*row_ids.shape, -1)
-            offsets = [0]
-            for i in members:
-                offsets.append(offsets[-1] + rows[i].shape[1])
-            for i, start, stop in zip(members, offsets, offsets[1:]):
-                out[i] = embeddings[:, start:stop]
+            splits = list(itertools.accumulate(rows[i].shape[1] for i in members))[:-1]
+            for i, part in zip(members, jnp.split(embeddings.reshape(*row_ids.shape, -1), splits, axis=1)):
+                out[i] = part
         return jnp.concatenate(out, axis=1)
 
     def plain(trainable, frozen, batch, rng):

@@ -10,9 +10,8 @@ text-only adapters costs its forward and nothing else.
 Two totals come out:
 - **model FLOPs** (MFU numerator): the work the recipe needs. Causal self-attention counts only the (query, key)
   pairs the mask keeps (about half).
-- **hardware FLOPs** (HFU numerator): what our implementation executes, from the forwards as it runs them (one
-  call per slot-group shape; with the Grain pipeline's batches every slot padded to the batch's length bucket).
-  Attention computes the full masked matrix; GradCache runs an extra forward of every encoder call; remat
+- **hardware FLOPs** (HFU numerator): what our implementation executes. Attention computes the full masked
+  matrix; GradCache runs an extra forward of every encoder call; remat
   recomputes the forward of scanned layers that backpropagate ("full": every matmul; "dots_no_batch": attention
   einsums; "dots": none; approximate, as XLA may skip recomputing outputs the backward does not read).
 
@@ -203,16 +202,11 @@ def forward_flops(cfg: ModelConfig, call: Encode, adapter=None, dropout_active: 
     return _sum(walk.ops, lambda op: op.fwd)
 
 
-def step_flops(cfg: ModelConfig, calls, adapter, *, num_queries: int, num_negatives: int = 0, executed=None,
+def step_flops(cfg: ModelConfig, calls, adapter, *, num_queries: int, num_negatives: int = 0,
                grad_cache: bool = False, remat: str = "none", dropout_active: bool = True) -> StepFlops:
-    """FLOPs of one training step: the encoder `calls`, InfoNCE over `num_queries` x (num_queries + k) logits, and
-    the backward pass.
-
-    `calls` are the model's work (e.g. queries with images, positives text-only at their own lengths); `executed`
-    the forwards as the implementation runs them, if different (e.g. the Grain pipeline pads every slot of a batch
-    to one length bucket and one image layout, so its slots share one padded call). Model FLOPs come from `calls`, hardware
-    FLOPs from `executed`.
-    """
+    """FLOPs of one training step: the encoder `calls` (e.g. queries with images, positives text-only at their own
+    lengths, as padded batches when the data is), InfoNCE over `num_queries` x (num_queries + k) logits, and the
+    backward pass."""
     if remat not in REMAT_RECOMPUTE:
         raise ValueError(f"remat policy {remat!r} unknown; choose from {sorted(REMAT_RECOMPUTE)}")
     if adapter is None:
@@ -220,30 +214,26 @@ def step_flops(cfg: ModelConfig, calls, adapter, *, num_queries: int, num_negati
     logits = 2.0 * num_queries * (num_queries + num_negatives) * cfg.text.hidden_size
     loss = Op("loss", "dense", logits, 2 * logits)
 
-    model_walk = _Walk(cfg, adapter, dropout_active)
+    walk = _Walk(cfg, adapter, dropout_active)
     for call in calls:
-        model_walk.encode(call)
-    model_ops = model_walk.ops + [loss]
-    model = _sum(model_ops, lambda op: (op.fwd + op.bwd) * op.kept)
-
-    run_walk = _Walk(cfg, adapter, dropout_active)
-    for call in executed if executed is not None else calls:
-        run_walk.encode(call)
-    forward_executed = _sum(run_walk.ops, lambda op: op.fwd)
+        walk.encode(call)
+    ops = walk.ops + [loss]
+    model = _sum(ops, lambda op: (op.fwd + op.bwd) * op.kept)
+    forward_executed = _sum(walk.ops, lambda op: op.fwd)
     recompute_kinds = REMAT_RECOMPUTE[remat]
-    remat_extra = _sum(run_walk.ops, lambda op: op.fwd if op.recompute and op.kind in recompute_kinds else 0.0)
+    remat_extra = _sum(walk.ops, lambda op: op.fwd if op.recompute and op.kind in recompute_kinds else 0.0)
     grad_cache_extra = forward_executed if grad_cache else 0.0
-    single_pass = _sum(run_walk.ops + [loss], lambda op: op.fwd + op.bwd)
+    single_pass = _sum(ops, lambda op: op.fwd + op.bwd)
     hardware = single_pass + remat_extra + grad_cache_extra
 
     breakdown = {}
-    for op in model_ops:
+    for op in ops:
         entry = breakdown.setdefault(f"{op.part}/{op.kind}", {"fwd": 0.0, "bwd": 0.0})
         entry["fwd"] += op.fwd * op.kept
         entry["bwd"] += op.bwd * op.kept
     breakdown["hardware_only/grad_cache_forward"] = grad_cache_extra
     breakdown["hardware_only/remat_recompute"] = remat_extra
-    breakdown["hardware_only/masking_padding_layout"] = single_pass - model
+    breakdown["hardware_only/masked_attention"] = single_pass - model
     return StepFlops(model=model, hardware=hardware, forward_executed=forward_executed, breakdown=breakdown)
 
 
