@@ -216,8 +216,8 @@ def check_params(path: str, meta: dict, expected: dict):
 def _restore(path: str, item: dict, restore_args: dict) -> dict:
     import orbax.checkpoint as ocp
 
-    return ocp.PyTreeCheckpointer().restore(
-        os.path.join(path, WEIGHTS_DIR, PYTREE_DIR),
+    return ocp.PyTreeCheckpointer().restore(  # Orbax refuses relative paths
+        os.path.abspath(os.path.join(path, WEIGHTS_DIR, PYTREE_DIR)),
         args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
 
 

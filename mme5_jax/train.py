@@ -42,14 +42,15 @@ class TrainConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     """`path` (HF Mllama dir or our converted checkpoint) gives the base weights; without it the model is
-    randomly initialised from `config` (a `configs/model` name or YAML path; cross-attention gates at `init_gate`),
-    which only makes sense for demos."""
+    randomly initialised from `config` (a `configs/model` name or YAML path; cross-attention gates at `init_gate`;
+    kernels drawn as `init` says, see `random_base_model`), which only makes sense for demos."""
 
     config: str | None = None
     path: str | None = None
     processor_dir: str | None = None
     dtype: str = "float32"
     remat: str = "none"
+    init: str = "hf"
     init_gate: float = 1.0
 
 
@@ -169,6 +170,7 @@ class TrainConfig:
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
+    "model.init": ("hf", "lecun"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "adapter.kind": ("lora", "dora"),
     "data.bos": ("processor", "single"),
@@ -434,8 +436,15 @@ def build_model(config, base):
 
 
 def random_base_model(config):
-    """`model.config` randomly initialised. The cross-attention gates are set to `model.init_gate`: HF's init
-    closes them (tanh(0) = 0), which would leave a frozen random model blind to images (gates are not adapted)."""
+    """`model.config` randomly initialised, with the cross-attention gates at `model.init_gate`: HF's init closes
+    them (tanh(0) = 0), which would leave a frozen random model blind to images (gates are not adapted).
+
+    `model.init: lecun` redraws every kernel at std 1/sqrt(fan_in) and the token embeddings at std 1. HF's
+    std 0.02 suits 4096-wide layers; in a 32- to 128-wide demo model each projection then shrinks its input 3-9x,
+    so almost nothing of the image or the earlier tokens reaches the pooled last token (same text with different
+    images: embedding cosine 0.9999), and adapters on that frozen base barely learn.
+    """
+    import jax
     from flax import nnx
 
     from mme5_jax.config import ModelConfig
@@ -444,9 +453,14 @@ def random_base_model(config):
     m = config.model
     cfg = ModelConfig.from_yaml(m.config)
     model = MllamaModel(cfg, dtype=m.dtype, rngs=nnx.Rngs(config.seed))
-    for path, variable in nnx.to_flat_state(nnx.state(model)):
+    key = jax.random.key(config.seed)
+    for index, (path, variable) in enumerate(nnx.to_flat_state(nnx.state(model))):
         if path[-1] in ("cross_attn_attn_gate", "cross_attn_mlp_gate"):
             variable.set_value(np.full(variable.shape, m.init_gate, variable.dtype))
+        elif m.init == "lecun" and path[-1] in ("kernel", "embed_tokens"):
+            std = 1.0 if path[-1] == "embed_tokens" else 1.0 / math.sqrt(variable.shape[-2])
+            noise = jax.random.normal(jax.random.fold_in(key, index), variable.shape, jax.numpy.float32)
+            variable.set_value((std * noise).astype(variable.dtype))
     return cfg, model
 
 

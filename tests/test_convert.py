@@ -82,6 +82,16 @@ def test_fp32_round_trip_is_bit_exact_with_shards_and_index(real_dirs):
     assert meta["extras"]["lm_head.weight"]["shape"] == [128256, 32]
 
 
+def test_checkpoint_loads_from_a_relative_path(real_dirs, monkeypatch):
+    _, ours, _, _ = real_dirs
+    cfg = ModelConfig.from_pretrained(ours)
+    expected = checkpoint.load_base_params(ours, cfg, "float32")
+    monkeypatch.chdir(os.path.dirname(ours))
+    relative = checkpoint.load_base_params(os.path.basename(ours), cfg, "float32")
+    assert sorted(relative) == sorted(expected)
+    assert all(np.array_equal(relative[k], expected[k]) for k in expected)
+
+
 @pytest.mark.parametrize("layout", ["4.46", "5"])
 def test_bf16_round_trip_in_both_key_layouts_is_bit_exact(small_hf_dir, tmp_path, layout):
     """bf16 sources with transformers-4.46 keys (released mmE5) or 5.x keys, through our format and back."""

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mme5_jax.train import TrainConfigError, load_config, recall_at_1
+from mme5_jax.train import TrainConfigError, load_config, random_base_model, recall_at_1
 
 BASE = """
 output_dir: runs/x
@@ -43,6 +43,7 @@ def test_the_shipped_configs_load():
     ("train.steps=true", "train.steps: expected int"),
     ("train.lr=-1", "train.lr: must be >= 0"),
     ("model.dtype=fp16", "model.dtype: 'fp16' is not one of float32, bfloat16"),
+    ("model.init=xavier", "model.init: 'xavier' is not one of hf, lecun"),
     ("data.train=[{path: a, wieght: 2}]", "unknown config key 'data.train[0].wieght'"),
     ("data.train=[3]", "data.train[0]: expected a mapping"),
     ("distributed.process_id=2", None),
@@ -77,3 +78,18 @@ def test_recall_counts_identical_candidates_once():
     result = recall_at_1(q, p, keys)
     assert result["num_candidates"] == 2
     assert result["recall@1"] == pytest.approx(2 / 3)   # query 2 (a direction no candidate has) misses
+
+
+@pytest.mark.parametrize("init", ["hf", "lecun"])
+def test_random_base_init(config_file, init):
+    from flax import nnx
+
+    _, model = random_base_model(load_config(config_file, [f"model.init={init}", "model.init_gate=0.5"]))
+    params = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+    patch, embed = params["vision_model.patch_embedding.kernel"], params["language_model.embed_tokens"]
+    q_proj = params["language_model.blocks.layers.layers.0.self_attn.q_proj.kernel"]   # [layers, in, out]
+    expected = {"hf": (0.02, 0.02, 0.02), "lecun": (1 / np.sqrt(patch.shape[0]), 1.0, 1 / np.sqrt(q_proj.shape[1]))}
+    for value, std in zip((patch, embed, q_proj), expected[init]):
+        assert value.std() == pytest.approx(std, rel=0.1)
+    assert np.all(params["language_model.blocks.layers.layers.1.cross_attn_attn_gate"] == 0.5)
+    assert np.all(params["language_model.norm.weight"] == 1.0)   # norms keep HF's init either way

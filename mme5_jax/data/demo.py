@@ -185,12 +185,12 @@ def scene_key(scene, variant):
 def render_scene(scene, variant, size, seed):
     """Draw the scene; `variant` changes background and jitter but never an attribute."""
     rng = random.Random(f"{seed}/{scene_key(scene, variant)}")
-    background = tuple(rng.randint(225, 255) for _ in range(3))
+    background = tuple(rng.randint(240, 255) for _ in range(3))
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
     cx, cy = POSITIONS[scene["position"]]
-    radius = size * 0.07
-    spread = size * 0.22
+    radius = size * 0.11
+    spread = size * 0.28
     horizontal = scene["position"] in ("top", "bottom", "center")
     for i in range(scene["count"]):
         offset = (i - (scene["count"] - 1) / 2) * spread
