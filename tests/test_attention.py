@@ -1,11 +1,12 @@
-"""Blocked attention equals the unblocked computation, values and gradients, for every mask kind."""
+"""Blocked attention, and the fused path GPUs take, equal the unblocked computation, values and gradients, for every
+mask kind."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mme5_jax.model import layers
-from mme5_jax.model.layers import CausalMask, PaddingPairMask, TileMask, attention
+from mme5_jax.model.layers import CausalMask, PaddingPairMask, TileMask, attention, fused_attention
 
 
 def dense_reference(q, k, v, bias):
@@ -54,3 +55,50 @@ def test_blocked_attention_matches_dense(monkeypatch, kind, budget):
     grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
     for got, want in zip(grads, jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["none", "causal", "padding_pair", "tile"])
+def test_fused_attention_matches_dense(kind):
+    """The mask as jax.nn.dot_product_attention gets it (cuDNN on GPU; its XLA implementation here)."""
+    b, q_len, heads, kv_heads, head_dim = 3, 16, 4, 2, 8
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((b, q_len, heads, head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, q_len, kv_heads, head_dim)), jnp.float32) for _ in range(2))
+    mask, bias = masks(b, q_len, q_len, rng)[kind]
+    fused = lambda q, k, v: fused_attention(q, k, v, mask, "xla")
+    ref = lambda q, k, v: dense_reference(q, k, v, jnp.asarray(bias, jnp.float32))
+    np.testing.assert_allclose(jax.jit(fused)(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-6)
+    loss = lambda fn: (lambda *a: jnp.sum(jnp.sin(fn(*a))))
+    for got, want in zip(jax.grad(loss(fused), argnums=(0, 1, 2))(q, k, v),
+                         jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend, dtype, head_dim, q_len, expected", [
+    ("gpu", jnp.bfloat16, 80, 4128, True), ("gpu", jnp.float16, 128, 64, True),
+    ("gpu", jnp.float32, 80, 4128, False), ("cpu", jnp.bfloat16, 80, 4128, False), ("tpu", jnp.bfloat16, 80, 64, False),
+    ("gpu", jnp.bfloat16, 36, 64, False), ("gpu", jnp.bfloat16, 256, 64, False), ("gpu", jnp.bfloat16, 80, 63, False)])
+def test_cudnn_only_where_it_applies(monkeypatch, backend, dtype, head_dim, q_len, expected):
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: backend)
+    q = jax.ShapeDtypeStruct((2, q_len, 4, head_dim), dtype)
+    k = jax.ShapeDtypeStruct((2, 64, 2, head_dim), dtype)
+    assert layers._cudnn_applies(q, k) is expected
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+@pytest.mark.parametrize("kind", ["none", "causal", "padding_pair", "tile"])
+def test_cudnn_attention_matches_float32_on_gpu(kind):
+    """On a GPU, bf16 attention (cuDNN) against the blocked float32 path on the same inputs, values and gradients."""
+    b, q_len, heads, kv_heads, head_dim = 2, 1056, 8, 2, 80
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.standard_normal((b, q_len, h, head_dim)), jnp.bfloat16)
+               for h in (heads, kv_heads, kv_heads))
+    mask, _ = masks(b, q_len, q_len, rng)[kind]
+    assert layers._cudnn_applies(q, k)
+    as_f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    out, ref = (jax.jit(lambda *a: attention(*a, mask))(*xs) for xs in ((q, k, v), as_f32))
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=2e-2 * float(jnp.abs(ref).max()))
+    loss = lambda *a: jnp.sum(jnp.sin(attention(*a, mask).astype(jnp.float32)))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    for got, want in zip(grad(q, k, v), grad(*as_f32)):
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2 * float(jnp.abs(want).max()))

@@ -8,37 +8,39 @@
 #
 #   tools/gpu_bench.sh [key=value ...]        e.g. tools/gpu_bench.sh batch.pairs=4 remat=dots_no_batch
 #
-# If flax/optax/transformers/peft are missing on the machine, carry wheels in tools/wheels/ (pip download them
-# here); they are installed offline, without dependencies.
+# Runs under $PYTHON (default python3, the interpreter that holds torch on the lent machines). If flax/optax/
+# transformers/peft are missing there, carry wheels in tools/wheels/ (pip download them here); they are installed
+# offline, without dependencies.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_bench}"
 mkdir -p "$OUT"
 START=$(date +%s)
+PYTHON="${PYTHON:-python3}"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi unavailable"
-if ! python -c "import jax, flax, optax, yaml, tqdm, torch, transformers, peft" 2>/dev/null; then
+if ! "$PYTHON" -c "import jax, flax, optax, yaml, tqdm, torch, transformers, peft" 2>/dev/null; then
   if [ -d tools/wheels ]; then
-    pip install --no-index --no-deps --find-links tools/wheels flax optax transformers peft tqdm pyyaml 2>&1 | tail -2
+    "$PYTHON" -m pip install --no-index --no-deps --find-links tools/wheels flax optax transformers peft tqdm pyyaml 2>&1 | tail -2
   fi
-  python -c "import jax, flax, optax, yaml, tqdm, torch, transformers, peft" || { echo "missing packages (above)"; exit 2; }
+  "$PYTHON" -c "import jax, flax, optax, yaml, tqdm, torch, transformers, peft" || { echo "missing packages (above)"; exit 2; }
 fi
-python -c "import jax, torch; print('jax', jax.__version__, jax.devices()[0].device_kind, '| torch', torch.__version__)"
+"$PYTHON" -c "import jax, flax, torch, transformers, peft; print('jax', jax.__version__, jax.devices()[0].device_kind, '| flax', flax.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
 
 echo "== ours (mme5 bench gpu_11b $*) =="
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout 290 \
-  python -m mme5_jax.cli bench gpu_11b "$@" --output "$OUT/ours.json" --no-progress
+  "$PYTHON" -m mme5_jax.cli bench gpu_11b "$@" --output "$OUT/ours.json" --no-progress
 OURS_RC=$?
 
 echo "== HF transformers + PEFT, same batch =="
 REMAINING=$(( 470 - ($(date +%s) - START) ))
 JAX_PLATFORMS=cpu timeout "$REMAINING" \
-  python tools/bench_vs_torch.py gpu_11b "$@" --torch-only --device cuda --gradient-checkpointing \
+  "$PYTHON" tools/bench_vs_torch.py gpu_11b "$@" --torch-only --device cuda --gradient-checkpointing \
   --steps 5 --warmup 2 --output "$OUT/torch.json" > "$OUT/torch.log" 2>&1
 TORCH_RC=$?
 [ $TORCH_RC -ne 0 ] && tail -5 "$OUT/torch.log"
 
-python - "$OUT" <<'EOF'
+"$PYTHON" - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
 def load(name):

@@ -80,14 +80,14 @@ class LayerNorm(nnx.Module):
 # Largest float32 score block [rows, heads, queries, keys] attention materialises at once: on CPU small enough to
 # stay in cache (the vision tower of configs/bench/cpu_small.yaml runs 2x faster than with one 143 MB block), on
 # accelerators large enough to keep them busy while bounding memory (the 11B vision tower's full score matrix is
-# 2.6 GB per image).
+# 2.6 GB per image). On GPU, bf16/fp16 attention goes to cuDNN's flash attention instead (`fused_attention`).
 SCORE_BLOCK_BYTES = {"cpu": 4 << 20}
 DEFAULT_SCORE_BLOCK_BYTES = 1 << 30
 
 
-# Masks are kept in their compact form and turned into an additive float32 bias one block of queries at a time, so
-# no [B, Q, K] bias is ever read from memory. `bias(positions)` -> [B, 1, len(positions), K]; positions past the end
-# (a padded last block) give rows that are discarded.
+# Masks are kept in their compact form and expanded one block of queries at a time, so no [B, Q, K] bias is ever
+# read from memory. `allowed(positions)` -> bool [B, 1, len(positions), K]; positions past the end (a padded last
+# block) give rows that are discarded. Masked pairs get HF's finfo.min bias, so fully masked rows behave as there.
 
 
 @jax.tree_util.register_dataclass
@@ -97,9 +97,9 @@ class CausalMask:
 
     key_valid: jax.Array
 
-    def bias(self, positions):
+    def allowed(self, positions):
         causal = jnp.arange(self.key_valid.shape[1])[None, :] <= positions[:, None]
-        return jnp.where(causal[None] & self.key_valid[:, None, :], 0.0, NEG_INF)[:, None]
+        return (causal[None] & self.key_valid[:, None, :])[:, None]
 
 
 @jax.tree_util.register_dataclass
@@ -109,9 +109,9 @@ class PaddingPairMask:
 
     invalid: jax.Array
 
-    def bias(self, positions):
+    def allowed(self, positions):
         invalid_q = jnp.take(self.invalid, positions, axis=1, mode="clip")
-        return jnp.where(invalid_q[:, :, None] & self.invalid[:, None, :], NEG_INF, 0.0)[:, None]
+        return ~(invalid_q[:, :, None] & self.invalid[:, None, :])[:, None]
 
 
 @jax.tree_util.register_dataclass
@@ -123,19 +123,21 @@ class TileMask:
     tiles: jax.Array
     tokens_per_tile: int = dataclasses.field(metadata=dict(static=True))
 
-    def bias(self, positions):
+    def allowed(self, positions):
         tiles = jnp.take(self.tiles, positions, axis=1, mode="clip")
         allowed = jnp.repeat(tiles, self.tokens_per_tile, axis=-1)
-        return jnp.where(tiles.any(-1, keepdims=True) & ~allowed, NEG_INF, 0.0)[:, None]
+        return (allowed | ~tiles.any(-1, keepdims=True))[:, None]
 
 
 def attention(q, k, v, mask):
     """Softmax attention; q [B,Q,H,D], k/v [B,K,KVH,D] (grouped-query), `mask` one of the masks above or None.
 
-    Masks add HF's finfo.min bias, so fully masked rows behave exactly as in the reference. Every query sees all
-    keys at once, so each row's softmax is exact; rows and then queries are split into blocks whose scores fit
-    `SCORE_BLOCK_BYTES`, and a block's scores are recomputed in the backward pass instead of stored.
+    Every query sees all keys at once, so each row's softmax is exact; rows and then queries are split into blocks
+    whose scores fit `SCORE_BLOCK_BYTES`, and a block's scores are recomputed in the backward pass instead of
+    stored. Where cuDNN's flash attention applies, it runs instead.
     """
+    if _cudnn_applies(q, k):
+        return fused_attention(q, k, v, mask, "cudnn")
     b, q_len, heads, head_dim = q.shape
     kv_heads, k_len = k.shape[2], k.shape[1]
     # Head-major [B, KVH, G, Q, D] / [B, KVH, K, D]: every block's matmuls read contiguous memory.
@@ -153,6 +155,25 @@ def attention(q, k, v, mask):
         out = jax.lax.map(step, jax.tree.map(blocks, (q, k, v, mask)))
         out = out.reshape(b, *out.shape[2:])
     return out.transpose(0, 3, 1, 2, 4).reshape(b, q_len, heads * head_dim)
+
+
+def _cudnn_applies(q, k):
+    """cuDNN's flash attention: GPU, half precision, head dim a multiple of 8 up to 128, even lengths (its rule for
+    a bias in training)."""
+    head_dim = q.shape[-1]
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+            and head_dim <= 128 and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
+
+
+def fused_attention(q, k, v, mask, implementation):
+    """`attention` through jax.nn.dot_product_attention (`implementation` "cudnn" on GPU; "xla" checks it on CPU).
+
+    The mask goes in as one boolean [B, 1, Q, K] array, which cuDNN turns into a constant bias inside its kernel:
+    scores never reach memory, the point on GPU, where the blocked path is bound by writing them."""
+    b, q_len, heads, head_dim = q.shape
+    allowed = None if mask is None else mask.allowed(jnp.arange(q_len))
+    out = jax.nn.dot_product_attention(q, k, v, mask=allowed, implementation=implementation)
+    return out.reshape(b, q_len, heads * head_dim)
 
 
 def _attend_query_blocks(q, k, v, mask, q_block):
@@ -180,7 +201,7 @@ def _attend(q, k, v, mask, positions):
     q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     scores = jnp.einsum("bhgqd,bhkd->bhgqk", q, k, precision=jax.lax.Precision.HIGHEST).astype(jnp.float32)
     if mask is not None:
-        scores = scores + mask.bias(positions)[:, :, None]
+        scores = scores + jnp.where(mask.allowed(positions), 0.0, NEG_INF)[:, :, None]
     weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
     out = jnp.einsum("bhgqk,bhkd->bhgqd", weights.astype(v.dtype), v, precision=jax.lax.Precision.HIGHEST)
     return (out.astype(jnp.float32) / jnp.sum(weights, axis=-1, keepdims=True)).astype(v.dtype)
