@@ -124,3 +124,55 @@ def test_mme5_bench_writes_well_formed_json(config_path, tmp_path, capsys):
     assert result["memory"]["peak_bytes"] > 0
     assert result["flops_per_step"]["model"] > 0
     assert "MFU" in capsys.readouterr().out
+
+
+def _bench_vs_torch():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "tools" / "bench_vs_torch.py"
+    spec = importlib.util.spec_from_file_location("bench_vs_torch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_table_rows_ratio_and_out_of_memory():
+    """The GPU script's table: both sides with the speed-up, HF's out-of-memory row, and a side that failed."""
+    gpu_table = _bench_vs_torch().gpu_table
+    ours = {"device": {"kind": "NVIDIA H200"}, "flops_per_step": {"model": 226.83e12}, "compile_s": 109.4,
+            "step_time_s": {"median": 1.340, "min": 1.338, "max": 1.378}, "mfu": 0.171, "hfu": 0.245,
+            "per_chip": {"examples_per_s": 5.97, "model_tflops_per_s": 169.3}, "memory": {"peak_bytes": 20.5 * 2**30}}
+    torch = {"device": "NVIDIA H200", "step_time_s": {"median": 2.008, "min": 1.778, "max": 2.365},
+             "examples_per_s": 3.98, "model_tflops_per_s": 112.9, "mfu": 0.114, "peak_memory_bytes": 86.2 * 2**30}
+    table = gpu_table(ours, torch)
+    assert "NVIDIA H200; model FLOPs/step 226.83 TFLOP" in table
+    assert "ours (JAX)      1.340   1.338   1.378   5.97    169.3  17.1%  24.5%     20.5     109.4" in table
+    assert "HF + PEFT       2.008   1.778   2.365   3.98    112.9  11.4%      -     86.2         -" in table
+    assert table.endswith("speed-up of ours over HF + PEFT: 1.50x")
+
+    oom = {"device": "NVIDIA H200", "error": "out of memory in step 1: CUDA out of memory.",
+           "peak_memory_bytes": 139.3 * 2**30}
+    table = gpu_table(ours, oom)
+    assert "HF + PEFT   out of memory in step 1: CUDA out of memory. (peak 139.3 GiB)" in table
+    assert "speed-up" not in table
+    table = gpu_table(None, torch)
+    assert "ours (JAX)" not in table and "model FLOPs/step unknown" in table and "speed-up" not in table
+
+
+def test_torch_side_reports_out_of_memory(monkeypatch, tmp_path):
+    """HF + PEFT running out of GPU memory is a result (the 11B DoRA recipe does on an H200), not a crash."""
+    import torch
+
+    module = _bench_vs_torch()
+
+    def step():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 784.00 MiB.\nmore detail")
+
+    monkeypatch.setattr(module, "torch_step_fn", lambda *a, **k: (step, 1234))
+    output = tmp_path / "torch.json"
+    rc = module.main(["gpu_11b", "model=tiny", "dtype=float32", "--torch-only", "--output", str(output)])
+    result = json.loads(output.read_text())
+    assert rc == 3
+    assert result["error"] == "out of memory in step 1: CUDA out of memory. Tried to allocate 784.00 MiB."
+    assert result["trainable_params"] == 1234 and "step_time_s" not in result

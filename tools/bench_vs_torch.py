@@ -2,6 +2,7 @@
 
     python tools/bench_vs_torch.py [CONFIG] [key=value ...] [--steps 5] [--warmup 2] [--threads 2] [--output F]
     python tools/bench_vs_torch.py gpu_11b --torch-only --device cuda --gradient-checkpointing   (GPU script)
+    python tools/bench_vs_torch.py --table ours.json torch.json                                 (its table)
 
 Both sides run the same recipe on the same synthetic inputs and sizes (default `configs/bench/cpu_small.yaml`):
 queries with one image, text-only targets, LoRA on the language model, InfoNCE over the batch, AdamW with global
@@ -134,9 +135,17 @@ def torch_only(args, config):
     cfg = model_config(config)
     step, params = torch_step_fn(config, cfg, synthetic_batch(config, cfg, config["seed"]), args.threads,
                                  args.device, args.gradient_checkpointing)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    peak_memory = (lambda: torch.cuda.max_memory_allocated()) if args.device == "cuda" else (lambda: None)
     times = []
     for i in range(args.warmup + args.steps):
-        seconds, _, loss = timed(step)
+        try:
+            seconds, _, loss = timed(step)
+        except torch.OutOfMemoryError as e:
+            result = {"side": "torch", "device": name, "trainable_params": params, "peak_memory_bytes": peak_memory(),
+                      "error": f"out of memory in step {i + 1}: {str(e).splitlines()[0]}"}
+            print(json.dumps(result, indent=2))
+            return result
         if loss != loss:
             raise SystemExit("torch step produced a NaN loss")
         if i >= args.warmup:
@@ -144,15 +153,42 @@ def torch_only(args, config):
     b = config["batch"]
     flops = step_flops(cfg, flops_calls(config, cfg), adapter_config(config), num_queries=b["pairs"], num_negatives=b["negatives"])
     median = statistics.median(times)
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     peak = table_peak(name)
     result = {"side": "torch", "device": name, "trainable_params": params,
               "step_time_s": {"median": median, "min": min(times), "max": max(times), "all": times},
               "examples_per_s": b["pairs"] / median, "model_tflops_per_s": flops.model / median / 1e12,
               "mfu": flops.model / median / peak[1] if peak else None,
-              "peak_memory_bytes": torch.cuda.max_memory_allocated() if args.device == "cuda" else None}
+              "peak_memory_bytes": peak_memory()}
     print(json.dumps(result, indent=2))
     return result
+
+
+def gpu_table(ours, torch):
+    """The GPU script's table from `mme5 bench`'s and `torch_only`'s JSON (either may be None: that side failed)."""
+    gib = lambda b: f"{b / 2**30:.1f}" if b is not None else "-"
+    pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"
+    device = ours["device"]["kind"] if ours else (torch or {}).get("device", "?")
+    model = (ours or {}).get("flops_per_step", {}).get("model")
+    lines = [f"11B architecture, bf16, {device}; model FLOPs/step "
+             f"{f'{model / 1e12:.2f} TFLOP' if model else 'unknown'}",
+             f"{'':12}{'median s':>9}{'min s':>8}{'max s':>8}{'ex/s':>7}{'TFLOP/s':>9}{'MFU':>7}{'HFU':>7}"
+             f"{'mem GiB':>9}{'compile s':>10}"]
+    if ours:
+        s, c = ours["step_time_s"], ours["per_chip"]
+        lines.append(f"{'ours (JAX)':12}{s['median']:9.3f}{s['min']:8.3f}{s['max']:8.3f}{c['examples_per_s']:7.2f}"
+                     f"{c['model_tflops_per_s']:9.1f}{pct(ours['mfu']):>7}{pct(ours['hfu']):>7}"
+                     f"{gib(ours['memory']['peak_bytes']):>9}{ours['compile_s']:10.1f}")
+    if torch and "error" in torch:
+        lines.append(f"{'HF + PEFT':12}{torch['error']} (peak {gib(torch['peak_memory_bytes'])} GiB)")
+    elif torch:
+        s = torch["step_time_s"]
+        lines.append(f"{'HF + PEFT':12}{s['median']:9.3f}{s['min']:8.3f}{s['max']:8.3f}{torch['examples_per_s']:7.2f}"
+                     f"{torch['model_tflops_per_s']:9.1f}{pct(torch['mfu']):>7}{'-':>7}"
+                     f"{gib(torch['peak_memory_bytes']):>9}{'-':>10}")
+        if ours:
+            lines.append(f"speed-up of ours over HF + PEFT: "
+                         f"{torch['step_time_s']['median'] / ours['step_time_s']['median']:.2f}x")
+    return "\n".join(lines)
 
 
 def alternate(args, config):
@@ -209,7 +245,14 @@ def main(argv=None):
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="HF gradient checkpointing (the peer of remat=full)")
     parser.add_argument("--output", help="write the measurements here as JSON")
+    parser.add_argument("--table", nargs=2, metavar=("OURS_JSON", "TORCH_JSON"),
+                        help="only print the GPU script's table from these files (a missing file: that side failed)")
     args = parser.parse_args(argv)
+
+    if args.table:
+        load = lambda path: json.load(open(path, encoding="utf-8")) if os.path.exists(path) else None
+        print(gpu_table(*map(load, args.table)))
+        return 0
 
     from mme5_jax.bench.runner import load_config
 
@@ -220,7 +263,7 @@ def main(argv=None):
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
-    return 0
+    return 3 if "error" in result else 0
 
 
 if __name__ == "__main__":

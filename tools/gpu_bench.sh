@@ -15,6 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_bench}"
 mkdir -p "$OUT"
+rm -f "$OUT/ours.json" "$OUT/torch.json"
 START=$(date +%s)
 PYTHON="${PYTHON:-python3}"
 
@@ -38,34 +39,7 @@ JAX_PLATFORMS=cpu timeout "$REMAINING" \
   "$PYTHON" tools/bench_vs_torch.py gpu_11b "$@" --torch-only --device cuda --gradient-checkpointing \
   --steps 5 --warmup 2 --output "$OUT/torch.json" > "$OUT/torch.log" 2>&1
 TORCH_RC=$?
-[ $TORCH_RC -ne 0 ] && tail -5 "$OUT/torch.log"
+[ $TORCH_RC -ne 0 ] && [ $TORCH_RC -ne 3 ] && tail -5 "$OUT/torch.log"
 
-"$PYTHON" - "$OUT" <<'EOF'
-import json, os, sys
-out = sys.argv[1]
-def load(name):
-    path = os.path.join(out, name)
-    return json.load(open(path)) if os.path.exists(path) else None
-ours, torch = load("ours.json"), load("torch.json")
-rows = []
-if ours:
-    c, s = ours["per_chip"], ours["step_time_s"]
-    rows.append(("ours (JAX)", s["median"], s["min"], s["max"], c["examples_per_s"], c["model_tflops_per_s"],
-                 ours["mfu"], ours["hfu"], ours["memory"]["peak_bytes"], ours["compile_s"]))
-if torch:
-    s = torch["step_time_s"]
-    rows.append(("HF + PEFT", s["median"], s["min"], s["max"], torch["examples_per_s"], torch["model_tflops_per_s"],
-                 torch["mfu"], None, torch["peak_memory_bytes"], None))
-device = ours["device"]["kind"] if ours else (torch or {}).get("device", "?")
-print(f"\n11B architecture, bf16, {device}; model FLOPs/step "
-      f"{(ours or {}).get('flops_per_step', {}).get('model', float('nan')) / 1e12:.2f} TFLOP")
-head = f"{'':12}{'median s':>9}{'min s':>8}{'max s':>8}{'ex/s':>7}{'TFLOP/s':>9}{'MFU':>7}{'HFU':>7}{'mem GiB':>9}{'compile s':>10}"
-print(head)
-fmt = lambda v, f: format(v, f) if v is not None else "-"
-for name, med, lo, hi, ex, tf, mfu, hfu, mem, comp in rows:
-    print(f"{name:12}{med:9.3f}{lo:8.3f}{hi:8.3f}{ex:7.2f}{tf:9.1f}{fmt(mfu and 100 * mfu, '6.1f'):>6}%"
-          f"{fmt(hfu and 100 * hfu, '6.1f'):>6}%{fmt(mem and mem / 2**30, '9.1f'):>9}{fmt(comp, '10.1f'):>10}")
-if ours and torch:
-    print(f"speed-up of ours over HF + PEFT: {torch['step_time_s']['median'] / ours['step_time_s']['median']:.2f}x")
-EOF
+JAX_PLATFORMS=cpu "$PYTHON" tools/bench_vs_torch.py --table "$OUT/ours.json" "$OUT/torch.json"
 echo "elapsed $(( $(date +%s) - START )) s; ours rc=$OURS_RC, torch rc=$TORCH_RC"
