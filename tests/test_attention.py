@@ -26,7 +26,7 @@ def masks(b, q_len, k_len, rng):
     causal = np.tril(np.ones((q_len, k_len), bool))[None] & key_valid[:, None]
     invalid = rng.random((b, k_len)) < 0.3
     tiles = rng.random((b, q_len, 4)) < 0.5
-    tiles[:, 0] = False  # a row that sees no tile attends uniformly
+    tiles[:, 0] = False  # a row that sees no tile attends to every key
     allowed = np.repeat(tiles, k_len // 4, axis=-1)
     tile_bias = np.where(tiles.any(-1, keepdims=True) & ~allowed, neg, 0.0)
     return {"none": (None, np.zeros((b, q_len, k_len))),

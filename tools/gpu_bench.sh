@@ -6,11 +6,15 @@
 # then HF transformers + PEFT at the same batch with gradient checkpointing, each in its own process so the two
 # never share GPU memory. Prints one table and leaves ours.json / torch.json in $OUT (default /tmp/gpu_bench).
 #
-#   tools/gpu_bench.sh [key=value ...]        e.g. tools/gpu_bench.sh batch.pairs=4 remat=dots_no_batch
+#   tools/gpu_bench.sh [key=value ...]        e.g. tools/gpu_bench.sh adapter.kind=lora
+#
+# With DoRA (the default) HF + PEFT runs out of memory on an H200 at 8 pairs (its row says so); adapter.kind=lora
+# gives both sides. Recorded runs: docs/benchmarks.md.
 #
 # Runs under $PYTHON (default python3, the interpreter that holds torch on the lent machines). If flax/optax/
 # transformers/peft are missing there, carry wheels in tools/wheels/ (pip download them here); they are installed
-# offline, without dependencies.
+# offline, without dependencies. Measured with the image's jax 0.11.2 and flax 0.12.12 carried as a wheel on
+# PYTHONPATH (flax 0.12.8 does not import under jax 0.11.2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_bench}"

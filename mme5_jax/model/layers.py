@@ -118,7 +118,8 @@ class PaddingPairMask:
 @dataclass(frozen=True)
 class TileMask:
     """Cross-attention to image tiles: row l sees the `tokens_per_tile` vision tokens of each tile it may see.
-    A row that may see no tile attends uniformly (HF's rule; its output is zeroed by the caller). tiles [B, L, T]."""
+    A row that may see no tile sees every vision token, unmasked (HF zeroes such rows' mask; the caller masks only
+    their MLP output). tiles [B, L, T]."""
 
     tiles: jax.Array
     tokens_per_tile: int = dataclasses.field(metadata=dict(static=True))

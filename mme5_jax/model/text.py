@@ -2,7 +2,7 @@
 
 The layer pattern is factored into a repeated block (4 self + 1 cross in the 11B layout) that is scanned, so
 compile time does not grow with depth. HF's cross-attention quirks are reproduced per sample: a sample without an
-image skips the cross-attention layers entirely, and text rows that see no image attend uniformly to all vision
+image skips the cross-attention layers entirely, and text rows that see no image attend, unmasked, to all vision
 tokens with only their MLP output masked.
 """
 import jax.numpy as jnp
