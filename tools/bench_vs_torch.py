@@ -136,7 +136,7 @@ def torch_only(args, config):
     step, params = torch_step_fn(config, cfg, synthetic_batch(config, cfg, config["seed"]), args.threads,
                                  args.device, args.gradient_checkpointing)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    peak_memory = (lambda: torch.cuda.max_memory_allocated()) if args.device == "cuda" else (lambda: None)
+    peak_memory = torch.cuda.max_memory_allocated if args.device == "cuda" else (lambda: None)
     times = []
     for i in range(args.warmup + args.steps):
         try:
@@ -250,7 +250,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.table:
-        load = lambda path: json.load(open(path, encoding="utf-8")) if os.path.exists(path) else None
+        def load(path):
+            if not os.path.exists(path):
+                return None
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+
         print(gpu_table(*map(load, args.table)))
         return 0
 
