@@ -126,12 +126,13 @@ def test_mme5_bench_writes_well_formed_json(config_path, tmp_path, capsys):
     assert "MFU" in capsys.readouterr().out
 
 
-def _bench_vs_torch():
+def _tool(name):
+    """A script of tools/ as a module."""
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).parents[1] / "tools" / "bench_vs_torch.py"
-    spec = importlib.util.spec_from_file_location("bench_vs_torch", path)
+    path = pathlib.Path(__file__).parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -139,7 +140,7 @@ def _bench_vs_torch():
 
 def test_gpu_table_rows_ratio_and_out_of_memory():
     """The GPU script's table: both sides with the speed-up, HF's out-of-memory row, and a side that failed."""
-    gpu_table = _bench_vs_torch().gpu_table
+    gpu_table = _tool("bench_vs_torch").gpu_table
     ours = {"device": {"kind": "NVIDIA H200"}, "flops_per_step": {"model": 226.83e12}, "compile_s": 109.4,
             "step_time_s": {"median": 1.340, "min": 1.338, "max": 1.378}, "mfu": 0.171, "hfu": 0.245,
             "per_chip": {"examples_per_s": 5.97, "model_tflops_per_s": 169.3}, "memory": {"peak_bytes": 20.5 * 2**30}}
@@ -164,7 +165,7 @@ def test_torch_side_reports_out_of_memory(monkeypatch, tmp_path):
     """HF + PEFT running out of GPU memory is a result (the 11B DoRA recipe does on an H200), not a crash."""
     import torch
 
-    module = _bench_vs_torch()
+    module = _tool("bench_vs_torch")
 
     def step():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 784.00 MiB.\nmore detail")
@@ -176,3 +177,30 @@ def test_torch_side_reports_out_of_memory(monkeypatch, tmp_path):
     assert rc == 3
     assert result["error"] == "out of memory in step 1: CUDA out of memory. Tried to allocate 784.00 MiB."
     assert result["trainable_params"] == 1234 and "step_time_s" not in result
+
+
+def test_cpu_ceiling_prices_each_part_at_its_best_rate(config_path, tmp_path):
+    """tools/cpu_ceiling.py: the step's FLOPs split into dense and attention add up to the hardware count, and
+    each ceiling is that split priced at the rates it measured (XLA's own, and the best of either framework)."""
+    module = _tool("cpu_ceiling")
+    output = tmp_path / "ceiling.json"
+    assert module.main([config_path, "--steps", "1", "--repeats", "1", "--output", str(output)]) == 0
+    result = json.loads(output.read_text())
+
+    config = load_config(config_path)
+    cfg = model_config(config)
+    b = config["batch"]
+    flops = step_flops(cfg, flops_calls(config, cfg), adapter_config(config), num_queries=b["pairs"])
+    split, rates = result["flops"], result["rates"]
+    assert split["dense"] + split["attention"] == pytest.approx(flops.hardware)
+    assert split["attention"] == pytest.approx(sum(v["fwd"] + v["bwd"] for k, v in flops.breakdown.items()
+                                                   if k.endswith("/attention")) +
+                                               flops.breakdown["hardware_only/masked_attention"])
+    assert set(rates["attention"]) == {"xla", "torch_sdpa_masked", "torch_sdpa_unmasked"}
+    assert rates["dense"]["xla"] == max(row["xla"] for row in result["matmuls"])
+    xla = split["dense"] / rates["dense"]["xla"] + split["attention"] / rates["attention"]["xla"]
+    best = (split["dense"] / max(rates["dense"].values()) + split["attention"] / max(rates["attention"].values()))
+    assert result["ceiling_s"] == pytest.approx({"xla": xla, "best": best})
+    assert result["ceiling_s"]["best"] <= result["ceiling_s"]["xla"]
+    assert result["max_speedup"]["xla"] == pytest.approx(result["hf_step_s"] / xla)
+    assert result["attention_shape"] == [4, 4 * cfg.vision.padded_num_patches, 2, 32]
