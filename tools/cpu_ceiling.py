@@ -30,7 +30,7 @@ def split_flops(step_flops):
     included; GradCache's extra forward and remat's recompute, which mix both, count as dense)."""
     split = {"dense": 0.0, "attention": 0.0}
     for key, value in step_flops.breakdown.items():
-        part, kind = key.split("/")
+        kind = key.split("/")[1]
         total = value["fwd"] + value["bwd"] if isinstance(value, dict) else value
         split["attention" if kind.endswith("attention") else "dense"] += total
     return split
