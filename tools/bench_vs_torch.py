@@ -128,9 +128,8 @@ def torch_only(args, config):
     """The torch side alone on `--device` (GPU runs: each side in its own process, so memory is not shared)."""
     import torch
 
-    from mme5_jax.bench.flops import step_flops
     from mme5_jax.bench.peaks import table_peak
-    from mme5_jax.bench.runner import adapter_config, flops_calls, model_config, synthetic_batch
+    from mme5_jax.bench.runner import config_step_flops, model_config, synthetic_batch
 
     cfg = model_config(config)
     step, params = torch_step_fn(config, cfg, synthetic_batch(config, cfg, config["seed"]), args.threads,
@@ -151,7 +150,7 @@ def torch_only(args, config):
         if i >= args.warmup:
             times.append(seconds)
     b = config["batch"]
-    flops = step_flops(cfg, flops_calls(config, cfg), adapter_config(config), num_queries=b["pairs"], num_negatives=b["negatives"])
+    flops = config_step_flops(config, cfg)
     median = statistics.median(times)
     peak = table_peak(name)
     result = {"side": "torch", "device": name, "trainable_params": params,

@@ -97,12 +97,12 @@ def attention_rates(config, cfg, repeats):
 
     b = config["batch"]
     if b["query_tiles"]:
-        v = cfg.vision
-        heads, length = v.num_attention_heads, b["query_tiles"] * v.padded_num_patches
-        head_dim = v.hidden_size // heads
-        invalid = np.tile(np.arange(length) % v.padded_num_patches >= v.num_patches, (b["pairs"], 1))
+        vision = cfg.vision
+        heads, length = vision.num_attention_heads, b["query_tiles"] * vision.padded_num_patches
+        head_dim = vision.hidden_size // heads
+        invalid = np.tile(np.arange(length) % vision.padded_num_patches >= vision.num_patches, (b["pairs"], 1))
         mask = PaddingPairMask(jnp.asarray(invalid))
-        bias = np.where(invalid[:, None, :, None] & invalid[:, None, None, :], NEG_INF, 0.0).astype(np.float32)
+        bias = np.where(np.asarray(mask.allowed(jnp.arange(length))), 0.0, NEG_INF).astype(np.float32)
         sdpa_mask = {"attn_mask": torch.from_numpy(bias)}
     else:
         t = cfg.text
@@ -111,11 +111,11 @@ def attention_rates(config, cfg, repeats):
         sdpa_mask = {"is_causal": True}
     shape = (b["pairs"], length, heads, head_dim)
     flops = 4.0 * b["pairs"] * heads * length * length * head_dim
-    q, k, v_ = (jax.random.normal(jax.random.key(i), shape) for i in range(3))
-    ours = jax.jit(lambda q, k, v_: attention(q, k, v_, mask))
+    q, k, v = (jax.random.normal(jax.random.key(i), shape) for i in range(3))
+    ours = jax.jit(lambda q, k, v: attention(q, k, v, mask))
     tq, tk, tv = (torch.randn(shape).transpose(1, 2).contiguous() for _ in range(3))
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    return {"xla": flops / best_seconds(lambda: ours(q, k, v_).block_until_ready(), repeats),
+    return {"xla": flops / best_seconds(lambda: ours(q, k, v).block_until_ready(), repeats),
             "torch_sdpa_masked": flops / best_seconds(lambda: sdpa(tq, tk, tv, **sdpa_mask), repeats),
             "torch_sdpa_unmasked": flops / best_seconds(lambda: sdpa(tq, tk, tv), repeats)}, list(shape)
 
@@ -143,18 +143,13 @@ def main(argv=None):
 
     import torch
 
-    from mme5_jax.bench.flops import step_flops
-    from mme5_jax.bench.runner import adapter_config, flops_calls, load_config, model_config, select_devices
+    from mme5_jax.bench.runner import config_step_flops, load_config, model_config, select_devices
 
     torch.set_num_threads(args.threads)
     config = load_config(args.config, ["mesh.cpu_devices=1", *args.overrides])
     select_devices(config)
     cfg = model_config(config)
-    b = config["batch"]
-    flops = step_flops(cfg, flops_calls(config, cfg), adapter_config(config), num_queries=b["pairs"],
-                       num_negatives=b["negatives"], grad_cache=config["train"]["chunk_size"] is not None,
-                       remat=config["remat"])
-    split = split_flops(flops)
+    split = split_flops(config_step_flops(config, cfg))
     dense, dense_rows = dense_rates(matmul_shapes(config, cfg), args.repeats)
     attention, attention_shape = attention_rates(config, cfg, args.repeats)
     rates = {"dense": dense, "attention": attention}

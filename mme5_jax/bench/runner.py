@@ -141,6 +141,16 @@ def flops_calls(config, cfg):
     return calls
 
 
+def config_step_flops(config, cfg):
+    """The FLOPs model's count (mme5_jax.bench.flops.StepFlops) of one step of a bench config."""
+    from mme5_jax.bench.flops import step_flops
+
+    b, t = config["batch"], config["train"]
+    return step_flops(cfg, flops_calls(config, cfg), adapter_config(config), num_queries=b["pairs"],
+                      num_negatives=b["negatives"], grad_cache=t["chunk_size"] is not None, remat=config["remat"],
+                      dropout_active=True)
+
+
 def synthetic_batch(config, cfg, seed=0) -> dict:
     """A host batch shaped like the Grain pipeline's: query, positive and negatives [B, k, ...] (absent when k is
     0), each group at its own length; a group without tiles carries no image arrays, as text-only inputs do."""
@@ -261,7 +271,6 @@ def run_bench(config, progress=True) -> dict:
     import jax
     from tqdm import tqdm
 
-    from mme5_jax.bench.flops import step_flops
     from mme5_jax.bench.peaks import peak_per_device
 
     cfg, mesh, step, state, batch = build(config)
@@ -283,10 +292,8 @@ def run_bench(config, progress=True) -> dict:
     if not np.isfinite(loss):
         raise FloatingPointError(f"benchmark step produced a non-finite loss {loss}")
 
-    b, t = config["batch"], config["train"]
-    flops = step_flops(cfg, flops_calls(config, cfg), adapter_config(config), num_queries=b["pairs"],
-                       num_negatives=b["negatives"], grad_cache=t["chunk_size"] is not None, remat=config["remat"],
-                       dropout_active=True)
+    b = config["batch"]
+    flops = config_step_flops(config, cfg)
     n_dev = mesh.devices.size
     peak = peak_per_device(list(mesh.devices.flat), config["dtype"])
     median = statistics.median(times)
