@@ -37,8 +37,7 @@ class BatchRun:
                              dynamic_ncols=True)
 
     def _write(self, event):
-        self.journal.write(event)
-        self.state.apply(event)
+        self.state.apply(event, self.journal.write(event))
 
     def _hold(self, batch_id, ids, cost=None):
         """Keep the worst-case cost of an open batch reserved until its results are booked."""
@@ -183,11 +182,11 @@ class BatchRun:
             if sample_id not in seen:
                 self._book(batch_id, self.by_id[sample_id], Outcome(reason=reason, detail=f"batch {batch.status}"))
         self._write({"e": "batch_closed", "batch_id": batch_id, "status": batch.status})
-        self.progress.update(sum(1 for i in ids if i in self.state.records))
+        self.progress.update(sum(1 for i in ids if i in self.state.done))
         self.progress.set_postfix_str(f"${self.ledger.spent_usd:.2f} open batches={len(self.open)}", refresh=False)
         self.ledger.release(self.reserved.pop(batch_id))
         self.pending += [self.by_id[i] for i in ids
-                         if i not in self.state.records and i not in self.state.parked]
+                         if i not in self.state.done and i not in self.state.parked]
 
     async def run(self):
         try:

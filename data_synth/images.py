@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data_synth.layout import IMAGE_TARGET_TEXT
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -149,7 +151,7 @@ def _cached_embeddings(root, paths, embedder, cache_dir):
         from mme5_jax import Embedder
 
         model = Embedder.from_pretrained(embedder)
-        embeddings = model.encode([{"text": "Represent the given image.\n", "image": str(Path(root) / p)}
+        embeddings = model.encode([{"text": IMAGE_TARGET_TEXT, "image": str(Path(root) / p)}
                                    for p in paths])
     else:
         log.warning("no image index given (--image-index or --embedder): pairing images by colour/layout "

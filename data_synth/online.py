@@ -61,8 +61,7 @@ class OnlineRun:
             event["uncertain"] = worst_case
         if outcome.record is not None:
             event["record"] = outcome.record
-        self.journal.write(event)
-        self.state.apply(event)
+        self.state.apply(event, self.journal.write(event))
 
     async def _sample(self, spec):
         # Image decoding and encoding run in a thread so they do not stall the other requests.
@@ -92,8 +91,7 @@ class OnlineRun:
             if self.state.strikes[spec.id] >= self.s.max_attempts:
                 reasons = self.state.reasons[spec.id]
                 event = {"e": "parked", "id": spec.id, "reasons": reasons}
-                self.journal.write(event)
-                self.state.apply(event)
+                self.state.apply(event, self.journal.write(event))
                 return
             await self.syn.sleep(self._delay(outcome, attempt))
 

@@ -5,25 +5,32 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from mme5_jax.records import SHARD_PATTERN, ShardWriter, shard_paths
+from data_synth.journal import RUN_FILE, read_journal, read_records_at
+from mme5_jax.records import SHARD_PATTERN, TFDS_FILES, ShardWriter, shard_paths, tfds_name
 
 SUMMARY_NAME = "summary.json"
 
 
 def finalize(out_dir, specs, state, records_per_shard):
-    """Rewrite the shards from the journal, sorted by id; the old set is replaced only once the new one is whole."""
+    """Rewrite the shards from the journal, sorted by id; the old set is replaced only once the new one is whole.
+
+    Records are streamed from the journal one at a time, so memory holds the ids but never the records.
+    Ids are unique by construction (keys of `state.done`), so the writer keeps no id set of its own. The
+    writer's TFDS metadata moves with the shards, last, and names the dataset after `out_dir`, not the staging.
+    """
     out_dir = Path(out_dir)
     planned = {s.id for s in specs}
     staging = out_dir / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
-    with ShardWriter(staging, records_per_shard=records_per_shard) as writer:
-        for sample_id in sorted(state.records):
-            if sample_id in planned:
-                writer.write(state.records[sample_id])
+    ids = sorted(i for i in state.done if i in planned)
+    with ShardWriter(staging, records_per_shard=records_per_shard, check_unique_ids=False,
+                     dataset_name=tfds_name(out_dir.resolve().name)) as writer:
+        for record in read_records_at(out_dir, state, ids):
+            writer.write(record)
     for old in out_dir.iterdir():
-        if SHARD_PATTERN.match(old.name):
+        if SHARD_PATTERN.match(old.name) or old.name in TFDS_FILES:
             old.unlink()
-    for new in shard_paths(staging):
+    for new in [*shard_paths(staging), *(staging / name for name in TFDS_FILES)]:
         os.replace(new, out_dir / new.name)
     staging.rmdir()
 
@@ -35,10 +42,10 @@ def build_summary(run_info, state, stopped):
     committed = ledger.spent_usd + ledger.uncertain_usd
     parked_reasons = Counter(reasons[-1] for reasons in state.parked.values())
     return {
-        "records": len(state.records),
+        "records": len(state.done),
         "planned": planned,
         "parked": len(state.parked),
-        "remaining": planned - len(state.records) - len(state.parked),
+        "remaining": planned - len(state.done) - len(state.parked),
         "prompt_tokens": ledger.prompt_tokens,
         "completion_tokens": ledger.completion_tokens,
         "billed_responses": ledger.billed_responses,
@@ -67,9 +74,6 @@ def write_summary(out_dir, run_info, state, stopped):
 
 def status(out_dir):
     """The state of a run directory, replayed from its journal (works while a run is going on, or after a kill)."""
-    from data_synth.journal import read_journal
-    from data_synth.run import RUN_FILE
-
     out_dir = Path(out_dir)
     run_file = out_dir / RUN_FILE
     if not run_file.exists():

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from data_synth.prompts import PROMPT_VERSION
+from data_synth.prompts import PROMPT_VERSION, TASK_GUIDE
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,12 @@ def allocate(total, weights):
 
 def task_modalities(tasks):
     """[(task, modality, weight)]: a task's share is split evenly over its modality combinations."""
+    for task, t in tasks.items():
+        for modality in t["modalities"]:
+            if (task, modality) not in TASK_GUIDE:
+                known = ", ".join(m for k, m in TASK_GUIDE if k == task) or "none"
+                raise ValueError(f"tasks.{task}.modalities: {modality!r} has no prompt for task {task!r} "
+                                 f"(it supports: {known})")
     total = sum(t["share"] for t in tasks.values())
     return [(task, modality, t["share"] / total / len(t["modalities"]))
             for task, t in tasks.items() for modality in t["modalities"]]
@@ -62,8 +68,13 @@ def _spec_id(task, modality, language, anchor, qry_image, pos_image, neg_image):
 
 
 def _images_for(modality, anchor, pool, negative_rank):
-    """(qry_image, pos_image, neg_image) for a spec anchored on pool image index `anchor`."""
+    """(qry_image, pos_image, neg_image) for a spec anchored on pool image index `anchor`.
+
+    A text-only sample (T->T) carries no image: its anchor only inspires the texts in the prompt.
+    """
     query_side, target_side = modality.split("->")
+    if "I" not in query_side + target_side:
+        return None, None, None
     neighbours = pool.neighbours[anchor]
     if "I" not in target_side:
         return pool.paths[anchor], None, None

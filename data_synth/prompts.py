@@ -10,7 +10,7 @@ from pathlib import Path
 
 from data_synth.images import encode_image, image_tokens
 
-PROMPT_VERSION = "mme5-synth-v1"
+PROMPT_VERSION = "mme5-synth-v2"
 
 SYSTEM_PROMPT = (
     "You create training data for a multimodal, multilingual embedding model. Each sample pairs a query "
@@ -46,6 +46,11 @@ TASK_GUIDE = {
     ("retrieval", "IT->IT"): "The query is the query image plus a text; the positive is the positive image with "
                              "a text that answers the query, and the negative the hard-negative image with a "
                              "text that does not.",
+    ("retrieval", "T->T"): "The query and both targets are texts only: the image merely inspires their topic and "
+                           "is not part of the sample, so no field and not the instruction may refer to an image. "
+                           "The query is a question or search request about something the image shows or "
+                           "suggests; the positive is a passage that answers it and the negative a passage on a "
+                           "closely related topic that does not.",
 }
 
 STEPS = (
@@ -101,21 +106,23 @@ def _schema_bytes(task, modality):
 
 
 def _image_roles(spec):
-    if spec.qry_image is None:
-        return [("positive image", spec.pos_image), ("hard-negative image", spec.neg_image)]
-    roles = [("query image", spec.qry_image)]
-    if spec.pos_image is not None:
-        roles += [("positive image", spec.pos_image), ("hard-negative image", spec.neg_image)]
-    return roles
+    """(role, path) of the images shown; a sample without images (T->T) is shown its anchor as inspiration."""
+    roles = [(role, path) for role, path in (("query image", spec.qry_image), ("positive image", spec.pos_image),
+                                             ("hard-negative image", spec.neg_image)) if path is not None]
+    return roles or [("image that inspires the sample (it is not part of the sample)", spec.anchor)]
 
 
 def user_text(spec, language_name):
     fields = text_fields(spec)
     lines = [f"Task: {spec.task}. Modality: {spec.modality} (query -> target).",
-             TASK_GUIDE[(spec.task, spec.modality)],
-             "The instruction is one English sentence telling the embedding model what to retrieve (for example "
-             "'Retrieve the caption that best describes the image.').",
-             ]
+             TASK_GUIDE[(spec.task, spec.modality)]]
+    if "query" in fields:
+        lines.append("The instruction is one English sentence telling the embedding model what to retrieve; the "
+                     "query text follows it, so it ends with a colon (for example 'Find the answer to the "
+                     "following question:').")
+    else:
+        lines.append("The instruction is one English sentence telling the embedding model what to retrieve (for "
+                     "example 'Retrieve the caption that best describes the given image.').")
     if fields:
         lines.append(f"Write the fields {', '.join(fields)} in {language_name} (language code: {spec.language}), "
                      "natural and fluent for a native speaker.")

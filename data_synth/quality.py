@@ -7,12 +7,14 @@ import json
 import re
 import unicodedata
 
+from data_synth.layout import IMAGE_TARGET_TEXT, mmeb_text
 from data_synth.prompts import PROMPT_VERSION, text_fields
 from mme5_jax.records import RecordError, validate_record
 
 SOURCE = "mme5-synth"
-IMAGE_TARGET_TEXT = "Represent the given image."
 _SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+# A text-only sample's instruction must not send the model looking for an image it will never be given.
+_MENTIONS_IMAGE = re.compile(r"\b(image|picture|photo|photograph)s?\b", re.IGNORECASE)
 
 # Unicode character-name prefixes of the letters each ISO 15924 script (configs/synth/languages.yaml) uses.
 SCRIPT_PREFIXES = {
@@ -104,7 +106,8 @@ def reply_sample(body, schema):
 
 
 def check_sample(spec, sample, script):
-    """Quality filters: no empty field, no special tokens, positive != negative, right script."""
+    """Quality filters: no empty field, no special tokens, positive != negative, query != positive, no image in
+    the instruction of a text-only sample, right script."""
     for name, value in sample.items():
         if not value.strip():
             raise Rejected("quality_empty", f"field {name!r} is empty")
@@ -112,6 +115,11 @@ def check_sample(spec, sample, script):
             raise Rejected("quality_special_token", f"field {name!r}")
     if "positive" in sample and sample["positive"].strip().casefold() == sample["negative"].strip().casefold():
         raise Rejected("quality_positive_equals_negative")
+    if "query" in sample and "positive" in sample and \
+            sample["query"].strip().casefold() == sample["positive"].strip().casefold():
+        raise Rejected("quality_query_equals_positive")
+    if "I" not in spec.modality and _MENTIONS_IMAGE.search(sample["instruction"]):
+        raise Rejected("quality_mentions_image", f"instruction of a {spec.modality} sample")
     if spec.pos_image is not None and spec.pos_image == spec.neg_image:
         raise Rejected("quality_positive_equals_negative", "same image")
     share = script_share(sample["instruction"], "Latn")
@@ -124,18 +132,18 @@ def check_sample(spec, sample, script):
 
 
 def make_record(spec, sample, model):
-    query = sample.get("query")
+    """The record of a checked sample, every text in the MMEB layout (`mmeb_text`)."""
     return {
         "id": spec.id,
         "source": SOURCE,
         "task": spec.task,
         "modality": spec.modality,
         "language": spec.language,
-        "qry_text": f"{sample['instruction']}\n{query}" if query else sample["instruction"],
+        "qry_text": mmeb_text(sample["instruction"], sample.get("query")),
         "qry_image": spec.qry_image,
-        "pos_text": sample.get("positive", IMAGE_TARGET_TEXT),
+        "pos_text": mmeb_text(sample["positive"]) if "positive" in sample else IMAGE_TARGET_TEXT,
         "pos_image": spec.pos_image,
-        "neg_text": [sample.get("negative", IMAGE_TARGET_TEXT)],
+        "neg_text": [mmeb_text(sample["negative"]) if "negative" in sample else IMAGE_TARGET_TEXT],
         "neg_image": [spec.neg_image],
         "meta": {"prompt_version": PROMPT_VERSION, "model": model},
     }

@@ -15,13 +15,12 @@ from types import SimpleNamespace
 
 from data_synth.config import load_defaults, load_languages, load_prices, select_languages
 from data_synth.images import ImagePool, export_tfds
-from data_synth.journal import Journal, read_journal
+from data_synth.journal import RUN_FILE, Journal, read_journal
 from data_synth.ledger import Price
 from data_synth.output import finalize, write_summary
 from data_synth.plan import make_plan, plan_digest
 from data_synth.prompts import PROMPT_VERSION, build_request
 
-RUN_FILE = "run.json"
 LOCK_FILE = ".lock"   # flock-ed while a run is going on; the kernel drops it when the process dies
 # Settings that shape the plan, kept in run.json: when a rerun's plan differs, the changed ones are named.
 PLAN_KEYS = ("images", "num_samples", "seed", "languages", "model", "negative_rank", "image_detail",
@@ -120,14 +119,14 @@ class Synthesis:
         if state.open_batches() and self.s.mode != "batch":
             raise RuntimeError(f"{self.out} has batches still open; rerun with --mode batch to collect them "
                                f"(sending their samples online would pay for them twice)")
-        todo = [s for s in self.specs if s.id not in state.records
+        todo = [s for s in self.specs if s.id not in state.done
                 and (s.id not in state.parked or self.s.retry_parked)]
         stopped = None
         if todo:
             with Journal(self.out) as journal:
                 for sample_id in list(state.parked) if self.s.retry_parked else ():
-                    journal.write({"e": "unparked", "id": sample_id})
-                    state.apply({"e": "unparked", "id": sample_id})
+                    event = {"e": "unparked", "id": sample_id}
+                    state.apply(event, journal.write(event))
                 if self.s.mode == "batch":
                     from data_synth.batch import run_batch
 

@@ -21,6 +21,7 @@ from flax import nnx
 
 from mme5_jax.config import ModelConfig
 from mme5_jax.hf_weights import WeightError
+from mme5_jax.processing import portable_processor_files
 
 FORMAT = "mme5-base-checkpoint"
 FORMAT_VERSION = 1
@@ -56,10 +57,15 @@ def side_files(src_dir: str) -> list[str]:
 
 
 def copy_side_files(src_dir: str, dst_dir: str) -> list[str]:
+    """Copies the side files; the processor configs land in the layout transformers 4.46 and 5.x both load."""
     names = side_files(src_dir)
     for name in names:
         shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
-    return names
+    rewritten = portable_processor_files(src_dir)
+    for name, content in rewritten.items():
+        with open(os.path.join(dst_dir, name), "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2)
+    return sorted(set(names) | set(rewritten))
 
 
 # --- writing ------------------------------------------------------------------------------------------------------

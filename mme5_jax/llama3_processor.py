@@ -84,6 +84,8 @@ def write_processor_dir(path, image_size=448, max_image_tiles=4, resample=2, tok
                         "do_resize": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
                         "max_image_tiles": max_image_tiles, "resample": resample, "rescale_factor": 1 / 255,
                         "size": {"height": image_size, "width": image_size}}
+        # The settings go to preprocessor_config.json only: an `image_processor` section in processor_config.json
+        # (what transformers 5.x saves) makes 4.46 fail, while 5.x reads preprocessor_config.json without one.
         (staging / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2), encoding="utf-8")
         (staging / "processor_config.json").write_text(json.dumps({"processor_class": "MllamaProcessor"}),
                                                        encoding="utf-8")

@@ -5,9 +5,13 @@ array for array. Two things are ours on purpose:
 
 * The mmE5 prompt rule (`model_string`): VLM2Vec-format text loses its `<|image_1|>\\n` prefix and image items
   become `<|image|><|begin_of_text|>` + text.
-* The mmE5 one-pixel-high fix (`mme5_min_height`): mmE5 resized images 1 px high to 2 px before the processor.
-  Transformers 5.x itself processes 1-px-high images without error; the fix changes their canvas and pixels,
-  so it is kept to reproduce mmE5.
+* The mmE5 one-pixel-high fix (`mme5_min_height`, `min_height_fix=True`): mmE5's training collator resized
+  images 1 px high to 2 px before the processor; its evaluation did not. It is off by default, so the `Embedder`
+  and `mme5 eval` follow HF's processor exactly, and the training pipeline turns it on.
+
+The image-processor settings are read from either layout HF writes (`load_image_processor_config`):
+`preprocessor_config.json` (transformers 4.x, the released checkpoints) or the `image_processor` section of
+`processor_config.json` (what transformers 5.x saves).
 
 Images are converted to RGB and resized with PIL exactly as HF does; padding, rescaling, normalising and tiling
 are fused into one lookup-table gather per tile (a uint8 pixel has only 256 possible float32 results), which
@@ -29,6 +33,8 @@ BOS_TOKEN = "<|begin_of_text|>"
 # Pillow's own default warning limit (about 0.25 GB of RGB); files 2x larger are refused by Pillow itself.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 BOS_MODES = ("processor", "single")
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
+PROCESSOR_FILE = "processor_config.json"
 
 
 class BadItemError(ValueError):
@@ -123,6 +129,71 @@ def _pixel_lookup_table(do_rescale, rescale_factor, do_normalize, mean, std) -> 
     return np.ascontiguousarray(values, dtype=np.float32)
 
 
+def _read_json_object(path: str) -> dict | None:
+    """The JSON object in `path`, or None when there is no such file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _find_image_processor_config(path: str) -> tuple[dict, str] | None:
+    """(settings, the file they come from), searched in transformers 5.x's order; None when neither file has them."""
+    processor_path = os.path.join(path, PROCESSOR_FILE)
+    processor = _read_json_object(processor_path)
+    if processor is not None and "image_processor" in processor:
+        where = f"{processor_path} (key 'image_processor')"
+        if not isinstance(processor["image_processor"], dict):
+            raise ValueError(f"{where}: expected an object, got {type(processor['image_processor']).__name__}")
+        return processor["image_processor"], where
+    config_path = os.path.join(path, IMAGE_PROCESSOR_FILE)
+    settings = _read_json_object(config_path)
+    return None if settings is None else (settings, config_path)
+
+
+def _load_image_processor_config(path) -> tuple[dict, str]:
+    found = _find_image_processor_config(os.fspath(path))
+    if found is None:
+        raise FileNotFoundError(f"{os.fspath(path)} has no image-processor settings: expected {IMAGE_PROCESSOR_FILE} "
+                                f"or an 'image_processor' section in {PROCESSOR_FILE}")
+    return found
+
+
+def load_image_processor_config(path) -> dict:
+    """The Mllama image-processor settings of a model or processor directory saved by any transformers version.
+
+    transformers 4.x (and the released checkpoints) write `preprocessor_config.json`; 5.x writes them only as the
+    `image_processor` section of `processor_config.json`. When both exist the section wins, as in transformers 5.x.
+    """
+    return _load_image_processor_config(path)[0]
+
+
+def has_image_processor_config(path) -> bool:
+    """Whether `load_image_processor_config(path)` finds settings (in either layout)."""
+    return _find_image_processor_config(os.fspath(path)) is not None
+
+
+def portable_processor_files(path) -> dict[str, dict]:
+    """Processor config files to write beside copies of `path`'s files so that transformers 4.46 and 5.x both load
+    them: `{file name: JSON object}`, empty when `path` has no `image_processor` section to move.
+
+    4.46 passes every key of `processor_config.json` to `MllamaProcessor(...)`, which then gets `image_processor`
+    twice and fails; so the section moves to `preprocessor_config.json`, which 5.x reads when there is none.
+    """
+    processor = _read_json_object(os.path.join(os.fspath(path), PROCESSOR_FILE))
+    if processor is None or "image_processor" not in processor:
+        return {}
+    settings, _ = _load_image_processor_config(path)
+    return {IMAGE_PROCESSOR_FILE: settings,
+            PROCESSOR_FILE: {k: v for k, v in processor.items() if k != "image_processor"}}
+
+
 class MllamaInputProcessor:
     """Batches `{"text", "image"}` items into Mllama model inputs, equal to `MllamaProcessor`'s output.
 
@@ -134,10 +205,14 @@ class MllamaInputProcessor:
       `[128000, 128000, ...]` for text: the processor inserts one BOS and the tokenizer adds another.
     * `"single"`: the 4.45-era layout with exactly one BOS: `[128256, 128000, ...]` and `[128000, ...]` (the
       processor's BOS insertion, tokenised without the tokenizer's special tokens).
+
+    `min_height_fix=True` resizes images 1 px high to 2 px first, as mmE5's training collator did (not its
+    evaluation); it is for training only, since HF's processor does not do it.
     """
 
     def __init__(self, tokenizer, *, tile_size: int, max_image_tiles: int, resample: int, pixel_lookup: np.ndarray,
-                 bos: str = "processor", max_length: int = 256, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 bos: str = "processor", max_length: int = 256, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 min_height_fix: bool = False):
         _check_bos(bos)
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; Mllama checkpoints use <|finetune_right_pad_id|>")
@@ -145,6 +220,7 @@ class MllamaInputProcessor:
         self.bos = bos
         self.max_length = max_length
         self.max_image_pixels = max_image_pixels
+        self.min_height_fix = min_height_fix
         self.tile_size = tile_size
         self.max_image_tiles = max_image_tiles
         self.resample = Image.Resampling(resample)
@@ -155,18 +231,15 @@ class MllamaInputProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str, *, bos: str = "processor", max_length: int = 256,
-                        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> "MllamaInputProcessor":
-        """Reads `tokenizer.json`/`tokenizer_config.json` and `preprocessor_config.json` from a HF Mllama
-        directory or a converted checkpoint directory. Missing image settings take HF's class defaults."""
+                        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                        min_height_fix: bool = False) -> "MllamaInputProcessor":
+        """Reads `tokenizer.json`/`tokenizer_config.json` and the image-processor settings (either layout, see
+        `load_image_processor_config`) from a HF Mllama directory or a converted checkpoint directory. Missing
+        image settings take HF's class defaults."""
         from transformers import PreTrainedTokenizerFast  # the generic fast tokenizer imports no torch
 
         _check_bos(bos)
-        config_path = os.path.join(path, "preprocessor_config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path} not found: the directory must hold the checkpoint's processor "
-                                    "files (tokenizer.json, tokenizer_config.json, preprocessor_config.json)")
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
+        config, config_path = _load_image_processor_config(path)
         for key in ("do_resize", "do_pad", "do_convert_rgb"):
             if not config.get(key, True):
                 raise ValueError(f"{config_path}: {key}=false is not supported (MllamaImageProcessor requires it)")
@@ -192,6 +265,7 @@ class MllamaInputProcessor:
             bos=bos,
             max_length=max_length,
             max_image_pixels=max_image_pixels,
+            min_height_fix=min_height_fix,
         )
 
     def tokenize(self, strings: list[str]) -> list[list[int]]:
@@ -250,7 +324,9 @@ class MllamaInputProcessor:
 
     def _tiles_into(self, image: Image.Image, out: np.ndarray) -> tuple[int, int]:
         """Writes the normalised tiles of `image` into zeroed `out` [T_max,3,S,S]; returns the (rows, cols) grid."""
-        image = mme5_min_height(convert_to_rgb(image))
+        image = convert_to_rgb(image)
+        if self.min_height_fix:
+            image = mme5_min_height(image)
         size = self.tile_size
         rows, cols = optimal_tile_grid(image.height, image.width, self.max_image_tiles, size)
         height, width = fit_to_canvas(image.height, image.width, rows * size, cols * size, size)

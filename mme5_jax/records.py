@@ -7,6 +7,10 @@ bad one is reported with its id and field instead of surfacing later as a shape 
 Shards are written with `group_size:1` so that Grain can read any entry without decoding its
 neighbours, and they only get their final `data-XXXXX-of-YYYYY.array_record` names on a clean close:
 an interrupted writer never leaves a record set that looks complete.
+
+Each entry wraps the JSON in a one-feature tf.Example, and `close()` writes TFDS's metadata files next to
+the shards, so a record set is also a TFDS dataset (`tfds.builder_from_directory`) without either side
+needing TensorFlow. Readers still accept the bare-JSON entries of record sets written before that.
 """
 import json
 import os
@@ -14,24 +18,33 @@ import posixpath
 import re
 from pathlib import Path
 
+from mme5_jax import tf_example
+
 RECORD_FIELDS = ("id", "source", "task", "modality", "language", "qry_text", "qry_image",
                  "pos_text", "pos_image", "neg_text", "neg_image")
 OPTIONAL_FIELDS = ("meta",)
 TASKS = ("classification", "vqa", "retrieval")
-# Query and target sides are text (T), image (I) or both (IT). Every combination involves an image:
-# DESIGN section 4 lists the seven that synthesis produces; released labelled data adds I->IT.
-MODALITIES = tuple(f"{q}->{t}" for q in ("I", "T", "IT") for t in ("I", "T", "IT") if (q, t) != ("T", "T"))
+# Query and target sides are text (T), image (I) or both (IT); all nine combinations are valid. Text-only
+# pairs (T->T) keep a model's text retrieval quality when mixed into multimodal training.
+SIDES = ("I", "T", "IT")
+MODALITIES = tuple(f"{q}->{t}" for q in SIDES for t in SIDES)
 
 SHARD_PATTERN = re.compile(r"^data-(\d{5})-of-(\d{5})\.array_record$")
 _SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 _WRITER_OPTIONS = "group_size:1"
+# What makes a record set a TFDS dataset (see `write_tfds_metadata`): the feature holding each record's JSON,
+# the metadata files next to the shards, and the one version and split they describe.
+RECORD_FEATURE = "record"
+TFDS_FILES = ("features.json", "dataset_info.json")
+TFDS_VERSION = "1.0.0"
+TFDS_SPLIT = "train"
 
 
 class RecordError(ValueError):
     """A record that breaks the schema; the message names the record and the bad field.
 
     `reason` is a short code for counting failures (empty_text, special_token, path_escapes_root,
-    malformed_json, invalid_record).
+    malformed_json, malformed_entry, invalid_record).
     """
 
     def __init__(self, message, reason="invalid_record"):
@@ -57,6 +70,15 @@ def check_image_path(path):
     if normalised == ".." or normalised.startswith("../"):
         return f"escapes the image root ({path!r})"
     return None
+
+
+def resolve_image_path(root, path):
+    """The file a checked relative image path names: `root` joined with the path's normal form.
+
+    Normalising first means the operating system never sees a `..`, so a link under the root cannot combine
+    with one to climb out of it; the links themselves are followed.
+    """
+    return os.path.join(root, posixpath.normpath(path.replace("\\", "/")))
 
 
 def _check_text(record, index, field, value, required):
@@ -114,7 +136,8 @@ def validate_record(record, index=None):
         _fail(record, index, "neg_image", f"has {len(record['neg_image'])} entries but neg_text has "
                                           f"{len(record['neg_text'])}")
     for i, (text, image) in enumerate(zip(record["neg_text"], record["neg_image"])):
-        _check_text(record, index, f"neg_text[{i}]", text, required=target_side == "T" or target_side == "IT")
+        # An image negative of an IT target may have lost its text (mmE5's data has such rows): it keeps its image.
+        _check_text(record, index, f"neg_text[{i}]", text, required=target_side == "T")
         _check_image(record, index, f"neg_image[{i}]", image, required="I" in target_side)
     if "meta" in record and not isinstance(record["meta"], dict):
         _fail(record, index, "meta", f"must be an object, got {type(record['meta']).__name__}")
@@ -122,13 +145,26 @@ def validate_record(record, index=None):
 
 
 def encode_record(record):
-    return json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    """The stored entry: a tf.Example whose one bytes feature `record` holds the record as UTF-8 JSON.
+
+    TFDS decodes every ArrayRecord entry as a tf.Example, so this shape makes a record set a TFDS dataset.
+    It is encoded by hand: writing and reading records needs neither TensorFlow nor TFDS.
+    """
+    return tf_example.encode_bytes_feature(RECORD_FEATURE, json.dumps(record, ensure_ascii=False,
+                                                                      sort_keys=True).encode("utf-8"))
 
 
 def decode_record(data, index=None):
-    """Parse and validate one stored entry."""
+    """Parse and validate one stored entry: a tf.Example (see `encode_record`) or, as in record sets
+    written before those, the JSON text itself."""
+    if isinstance(data, (bytes, bytearray, memoryview)) and data[:1] == b"\n":  # a tf.Example's field 1
+        try:
+            data = tf_example.read_bytes_feature(memoryview(data), RECORD_FEATURE)
+        except (ValueError, IndexError) as err:
+            raise RecordError(f"record #{index}: entry is not a tf.Example with feature {RECORD_FEATURE!r} ({err})",
+                              "malformed_entry") from None
     try:
-        record = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+        record = json.loads(data if isinstance(data, str) else bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RecordError(f"record #{index}: entry is not UTF-8 JSON ({err})", "malformed_json") from None
     return validate_record(record, index)
@@ -138,14 +174,42 @@ def shard_name(shard, num_shards):
     return f"data-{shard:05d}-of-{num_shards:05d}.array_record"
 
 
+def tfds_name(directory_name):
+    """A valid TFDS dataset name (a letter, then lower-case letters, digits and `_`) made from a directory name."""
+    name = re.sub(r"[^a-z0-9]+", "_", directory_name.lower()).strip("_")
+    return name if name[:1].isalpha() else f"records_{name}".rstrip("_")
+
+
+def write_tfds_metadata(out_dir, name, shard_lengths, num_bytes):
+    """Write the files TFDS reads to load `out_dir`'s shards as split `train` of dataset `name`.
+
+    They are the JSON forms of TFDS's DatasetInfo and FeaturesDict, written directly so that tfds is not
+    needed; `filepathTemplate` lets the shards keep their names. `num_bytes` counts the entries' bytes.
+    """
+    info = {
+        "name": name, "version": TFDS_VERSION, "fileFormat": "array_record", "disableShuffling": True,
+        "description": f"mmE5 training records: feature {RECORD_FEATURE!r} holds one record as JSON.",
+        "splits": [{"name": TFDS_SPLIT, "filepathTemplate": "data-{SHARD_X_OF_Y}.{FILEFORMAT}",
+                    "shardLengths": [str(n) for n in shard_lengths], "numBytes": str(num_bytes)}]}
+    features = {"pythonClassName": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
+                "featuresDict": {"features": {RECORD_FEATURE: {
+                    "pythonClassName": "tensorflow_datasets.core.features.text_feature.Text", "text": {}}}}}
+    for file_name, content in zip(TFDS_FILES, (features, info)):  # dataset_info.json last: TFDS looks for it
+        path = Path(out_dir) / file_name
+        temp = path.with_name(f".tmp-{os.getpid()}-{file_name}")
+        temp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        os.replace(temp, path)
+
+
 class ShardWriter:
     """Validate records and write them into ArrayRecord shards of at most `records_per_shard` entries.
 
     Shards are written under temporary names; `close()` gives them their final names (which carry the
-    shard count, unknown until the end). Leaving the `with` block through an exception deletes them.
+    shard count, unknown until the end) and then writes the TFDS metadata naming the set `dataset_name`
+    (default: made from the directory's name). Leaving the `with` block through an exception deletes them.
     """
 
-    def __init__(self, out_dir, records_per_shard=10000):
+    def __init__(self, out_dir, records_per_shard=10000, check_unique_ids=True, dataset_name=None):
         from array_record.python.array_record_module import ArrayRecordWriter
 
         if records_per_shard < 1:
@@ -161,20 +225,27 @@ class ShardWriter:
         self.num_records = 0
         self._temp_paths = []
         self._writer = None
-        self._in_shard = 0
-        self._ids = set()
+        self._shard_lengths = []
+        self.num_bytes = 0
+        self.dataset_name = dataset_name or tfds_name(self.out_dir.resolve().name)
+        # The id set grows with the output; producers whose ids are unique by construction switch it off.
+        self._ids = set() if check_unique_ids else None
         self.paths = []
 
     def write(self, record):
         validate_record(record, self.num_records)
-        if record["id"] in self._ids:
-            raise RecordError(f"record {record['id']!r} (#{self.num_records}): field 'id' repeats an earlier record")
-        self._ids.add(record["id"])
-        if self._writer is None or self._in_shard == self.records_per_shard:
+        if self._ids is not None:
+            if record["id"] in self._ids:
+                raise RecordError(f"record {record['id']!r} (#{self.num_records}): field 'id' repeats an earlier "
+                                  f"record")
+            self._ids.add(record["id"])
+        if self._writer is None or self._shard_lengths[-1] == self.records_per_shard:
             self._open_next_shard()
-        self._writer.write(encode_record(record))
-        self._in_shard += 1
+        entry = encode_record(record)
+        self._writer.write(entry)
+        self._shard_lengths[-1] += 1
         self.num_records += 1
+        self.num_bytes += len(entry)
 
     def _open_next_shard(self):
         if self._writer is not None:
@@ -182,10 +253,10 @@ class ShardWriter:
         path = self.out_dir / f".tmp-{os.getpid()}-{len(self._temp_paths):05d}.array_record"
         self._temp_paths.append(path)
         self._writer = self._writer_class(str(path), _WRITER_OPTIONS)
-        self._in_shard = 0
+        self._shard_lengths.append(0)
 
     def close(self):
-        """Finish the last shard and publish all shards under their final names."""
+        """Finish the last shard, publish all shards under their final names, then the TFDS metadata."""
         if self._writer is None and not self._temp_paths:
             self._open_next_shard()  # an empty record set is still one valid, empty shard
         if self._writer is not None:
@@ -196,6 +267,7 @@ class ShardWriter:
         for temp, final in zip(self._temp_paths, self.paths):
             os.replace(temp, final)
         self._temp_paths = []
+        write_tfds_metadata(self.out_dir, self.dataset_name, self._shard_lengths, self.num_bytes)
         return self.paths
 
     def abort(self):

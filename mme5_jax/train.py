@@ -65,9 +65,27 @@ class AdapterSection:
 
 @dataclasses.dataclass(frozen=True)
 class RecordSetEntry:
-    path: str
-    weight: float = 1.0
+    """`weight: auto` (the default) weighs a set by its record count: one pass reads every record once.
+
+    `path` names a record directory; `tfds` instead names a TFDS dataset, read from `split` (default train)
+    in `data_dir` (default TFDS's own), e.g. a record set placed at `data_dir/<name>/1.0.0/`.
+    """
+
+    path: str | None = None
+    weight: float | str = "auto"
     image_root: str | None = None
+    tfds: str | None = None
+    split: str | None = None
+    data_dir: str | None = None
+
+    def __post_init__(self):
+        if (self.path is None) == (self.tfds is None):
+            raise TrainConfigError(f"data.train: an entry needs exactly one of 'path' (a record directory) and "
+                                   f"'tfds' (a TFDS dataset name), got path={self.path!r}, tfds={self.tfds!r}")
+        for key in ("split", "data_dir"):
+            if self.path is not None and getattr(self, key) is not None:
+                raise TrainConfigError(f"data.train: {key!r} of the entry with path {self.path!r} applies only "
+                                       f"to a 'tfds' entry")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +107,15 @@ class DataSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
-    steps: int = 1000
+    """`epochs` derives `steps` from the real record count of `data.train` (one pass: `epochs: 1`); set one of them.
+
+    `contrastive_group` G: InfoNCE within each group of G consecutive examples of the global batch (each query
+    against its group's G positives and its own hard negatives), averaged over all queries; G must divide
+    `data.global_batch_size`. None: one InfoNCE over the exact global batch. 16 is mmE5's own setting (2 pairs per
+    GPU all-gathered over 8 GPUs)."""
+
+    steps: int | None = None
+    epochs: float | None = None
     lr: float = 1e-5
     schedule: str = "mme5"
     warmup_ratio: float = 0.05
@@ -100,6 +126,7 @@ class TrainSection:
     clip_norm: float = 5.0
     temperature: float = 0.02
     chunk_size: int | None = None
+    contrastive_group: int | None = None
     max_nonfinite_steps: int = 10
 
 
@@ -178,7 +205,9 @@ _CHOICES = {
     "train.schedule": ("mme5", "cosine", "linear", "constant"),
     "distributed.cpu_collectives": ("gloo", "mpi", "none"),
 }
-_POSITIVE = {"adapter.rank", "data.global_batch_size", "data.max_length", "train.steps", "train.temperature",
+_POSITIVE = {"adapter.rank", "data.global_batch_size", "data.max_length", "train.steps", "train.epochs",
+             "train.contrastive_group",
+             "train.temperature",
              "checkpoint.every_steps", "checkpoint.keep", "log.every_steps", "eval.max_examples", "eval.batch_size",
              "mesh.cpu_devices", "train.chunk_size", "distributed.num_processes", "train.clip_norm"}
 _NON_NEGATIVE = {"train.lr", "train.weight_decay", "train.warmup_ratio", "adapter.dropout", "data.num_workers",
@@ -195,8 +224,13 @@ def _check_value(value, tp, key):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(tp):
             return None
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _check_value(value, inner, key)
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        for candidate in inner[:-1]:
+            try:
+                return _check_value(value, candidate, key)
+            except TrainConfigError:
+                pass
+        return _check_value(value, inner[-1], key)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise TrainConfigError(f"{key}: expected a list, got {value!r}")
@@ -330,6 +364,18 @@ def load_config(path, overrides=()):
         raise TrainConfigError("model.processor_dir: required when model.path is not set (tokenizer + image processor)")
     if not config.data.train and config.data.demo_dir is None:
         raise TrainConfigError("data.train: no record sets given (or set data.demo_dir)")
+    from mme5_jax.data.pipeline import AUTO
+
+    for i, entry in enumerate(config.data.train):
+        if entry.weight != AUTO and (isinstance(entry.weight, str) or entry.weight <= 0):
+            raise TrainConfigError(f"data.train[{i}].weight: must be > 0 or {AUTO!r}, got {entry.weight!r}")
+    group, batch_size = config.train.contrastive_group, config.data.global_batch_size
+    if group is not None and batch_size % group:
+        raise TrainConfigError(f"train.contrastive_group: must divide data.global_batch_size={batch_size}, got "
+                               f"{group}")
+    if config.train.steps is not None and config.train.epochs is not None:
+        raise TrainConfigError("train.steps / train.epochs: set one of them, not both (epochs derives the step count "
+                               "from the records in data.train)")
     if config.distributed.process_id is not None and config.distributed.num_processes is not None \
             and config.distributed.process_id >= config.distributed.num_processes:
         raise TrainConfigError(f"distributed.process_id: {config.distributed.process_id} is not below "
@@ -379,6 +425,8 @@ def ensure_demo_inputs(config):
     """Write the demo dataset / processor directory named in the config when they do not exist yet."""
     import jax
 
+    from mme5_jax.processing import has_image_processor_config
+
     data = config.data
     if data.demo_dir is not None and not (Path(data.demo_dir) / "heldout" / "summary.json").is_file():
         if jax.process_index() == 0:
@@ -388,9 +436,10 @@ def ensure_demo_inputs(config):
             build_demo_dataset(data.demo_dir, photos=False)
         _sync("mme5-demo-data")
     processor_dir = config.model.processor_dir
-    if processor_dir is not None and not (Path(processor_dir) / "preprocessor_config.json").is_file():
+    if processor_dir is not None and not has_image_processor_config(processor_dir):
         if config.model.path is not None:
-            raise TrainConfigError(f"model.processor_dir: {processor_dir!r} has no preprocessor_config.json")
+            raise TrainConfigError(f"model.processor_dir: {processor_dir!r} has neither preprocessor_config.json nor "
+                                   "an 'image_processor' section in processor_config.json")
         if jax.process_index() == 0:
             from mme5_jax.config import ModelConfig
             from mme5_jax.llama3_processor import write_processor_dir
@@ -488,9 +537,12 @@ def pipeline_config(config, **changes):
 
 def train_record_sets(config):
     from mme5_jax.data.pipeline import RecordSet
+    from mme5_jax.data.tfds_source import TfdsRecordSet
 
     if config.data.train:
-        return [RecordSet(e.path, e.weight, e.image_root) for e in config.data.train]
+        return [RecordSet(e.path, e.weight, e.image_root) if e.tfds is None else
+                TfdsRecordSet(e.tfds, e.weight, e.image_root, split=e.split or "train", data_dir=e.data_dir)
+                for e in config.data.train]
     return [RecordSet(str(Path(config.data.demo_dir) / "train"))]
 
 
@@ -498,6 +550,31 @@ def heldout_record_set(config):
     if config.data.heldout is not None:
         return config.data.heldout
     return None if config.data.demo_dir is None else str(Path(config.data.demo_dir) / "heldout")
+
+
+def plan_steps(config, warn=True):
+    """`config` with `train.steps` fixed: given, or `train.epochs` passes over the mixture of `data.train`.
+
+    Warns, with numbers, when the planned examples would read a record set more than once.
+    """
+    from mme5_jax.data.pipeline import open_mixture
+
+    t, batch = config.train, config.data.global_batch_size
+    if t.steps is None and t.epochs is None:
+        raise TrainConfigError("train.steps / train.epochs: set one of them")
+    mixture = open_mixture(train_record_sets(config), config.seed)
+    steps = t.steps if t.steps is not None else int(t.epochs * len(mixture)) // batch
+    if steps < 1:
+        raise TrainConfigError(f"train.epochs: {t.epochs} pass(es) over {len(mixture)} records is less than one "
+                               f"global batch of data.global_batch_size={batch}")
+    replays = mixture.replays(steps * batch)
+    if warn and replays:
+        listed = "; ".join(f"{name}: {size} records, about {draws:.0f} draws ({draws / size:.1f}x)"
+                           for name, size, draws in replays[:5])
+        log.warning("%d of %d record sets repeat within train.steps=%d x data.global_batch_size=%d = %d examples "
+                    "(one pass of the mixture is %d examples): %s%s", len(replays), len(mixture.sizes), steps, batch,
+                    steps * batch, len(mixture), listed, "; ..." if len(replays) > 5 else "")
+    return dataclasses.replace(config, train=dataclasses.replace(t, steps=steps))
 
 
 class RunCheckpoints:
@@ -769,10 +846,11 @@ def train(config):
 
     primary = jax.process_index() == 0
     output_dir = Path(config.output_dir)
+    ensure_demo_inputs(config)
+    config = plan_steps(config, warn=primary)
     if primary:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    ensure_demo_inputs(config)
     t = config.train
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     for key, size in (("data.global_batch_size", config.data.global_batch_size),
@@ -787,7 +865,8 @@ def train(config):
                                b1=t.b1, b2=t.b2, eps=t.eps, clip_norm=t.clip_norm)
     graphdef, state = init_train_state(model, optimizer, mesh)
     del model
-    step_fn = make_train_step(graphdef, optimizer, mesh, temperature=t.temperature, chunk_size=t.chunk_size)
+    step_fn = make_train_step(graphdef, optimizer, mesh, temperature=t.temperature, chunk_size=t.chunk_size,
+                              contrastive_group=t.contrastive_group)
 
     data_config = pipeline_config(config)
     iterator = iter(make_dataset(data_config, train_record_sets(config), jax.process_index(), jax.process_count()))

@@ -10,6 +10,7 @@ without keeping activations, take the exact loss gradient with respect to the em
 chunk under `jax.vjp` and accumulate the adapter gradients. Chunk i holds examples i, i + n, i + 2n, ... (n chunks),
 which on a row-sharded batch is a local reshape: every chunk spans all data shards without an all-to-all.
 """
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -142,6 +143,14 @@ class _Layout:
     def replicate(self, x):
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec()))
 
+    def tiles(self, rows, group):
+        """Whether groups of `group` consecutive rows line up with the batch shards (whole groups per shard or
+        whole shards per group), so that [rows, ...] -> [rows / group, group, ...] moves no rows between devices."""
+        if rows % self.divisor:
+            return False
+        per_shard = rows // self.divisor
+        return per_shard % group == 0 or group % per_shard == 0
+
 
 def slot_groups(batch):
     """-> (inputs, row_ids): the query, positive and negative slots as separate model inputs [B, slots, ...].
@@ -178,16 +187,35 @@ def _from_chunks(x):
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
-def _contrastive(layout, embeddings, negative_mask, temperature):
-    """embeddings [B, 2 + k, D] -> (loss, metrics); the positives are gathered whole, the queries stay sharded."""
+def _contrastive(layout, embeddings, negative_mask, temperature, group=None):
+    """embeddings [B, 2 + k, D] -> (loss, metrics); the queries stay sharded.
+
+    Without `group` the positives are gathered whole. Groups of `group` consecutive rows that line up with the
+    batch shards become a leading axis, so a device gathers only its own groups' positives and its logits are
+    [b, group + k]; other groupings mask the whole batch's logits, gathering the positives whole as without groups.
+    """
+    b = embeddings.shape[0]
+    if group is not None and b % group:
+        raise ValueError(f"global batch {b} is not divisible by contrastive_group {group}")
     query = layout.constrain(embeddings[:, 0])
-    positive = layout.replicate(embeddings[:, 1])
     negatives = embeddings[:, 2:] if embeddings.shape[1] > 2 else None
-    return info_nce(query, positive, negatives, negative_mask if negatives is not None else None, temperature)
+    negative_mask = negative_mask if negatives is not None else None
+    if group is None or not layout.tiles(b, group):
+        positive = layout.replicate(embeddings[:, 1])
+        return info_nce(query, positive, negatives, negative_mask, temperature, group_size=group)
+    def split(x):
+        return None if x is None else layout.constrain(x.reshape(b // group, group, *x.shape[1:]))
+
+    loss, metrics = jax.vmap(functools.partial(info_nce, temperature=temperature))(
+        split(query), split(layout.constrain(embeddings[:, 1])), split(negatives), split(negative_mask))
+    return jnp.mean(loss), jax.tree.map(jnp.mean, metrics)
 
 
-def make_loss_and_grad(graphdef, mesh, *, temperature=0.02, chunk_size=None, rules=None):
-    """(trainable, frozen, batch, rng) -> ((loss, metrics), grads): the traced core of the train step."""
+def make_loss_and_grad(graphdef, mesh, *, temperature=0.02, chunk_size=None, contrastive_group=None, rules=None):
+    """(trainable, frozen, batch, rng) -> ((loss, metrics), grads): the traced core of the train step.
+
+    `contrastive_group` G: InfoNCE within each group of G consecutive examples of the global batch (rows
+    [0, G), [G, 2G), ...), averaged over all queries; None: one InfoNCE over the whole global batch."""
     layout = _Layout(mesh, load_rules() if rules is None else rules)
 
     def encode(trainable, frozen, groups, rows, rng):
@@ -214,7 +242,7 @@ def make_loss_and_grad(graphdef, mesh, *, temperature=0.02, chunk_size=None, rul
 
         def loss_fn(t):
             return _contrastive(layout, encode(t, frozen, groups, rows, rng), batch.get("negative_mask"),
-                                temperature)
+                                temperature, contrastive_group)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
 
@@ -233,7 +261,8 @@ def make_loss_and_grad(graphdef, mesh, *, temperature=0.02, chunk_size=None, rul
 
         embeddings = _from_chunks(jax.lax.map(forward, chunks))
         (loss, metrics), emb_grad = jax.value_and_grad(
-            lambda e: _contrastive(layout, e, batch.get("negative_mask"), temperature), has_aux=True)(embeddings)
+            lambda e: _contrastive(layout, e, batch.get("negative_mask"), temperature, contrastive_group),
+            has_aux=True)(embeddings)
 
         def backward(acc, chunk):
             (groups, rows), grad = chunk
@@ -251,14 +280,17 @@ class TrainStep:
     """`step(state, batch, rng) -> (state, metrics)`, jitted on first use with explicit shardings; the state is
     donated. `lower(...)` gives the lowered computation (e.g. for memory analysis) without running it."""
 
-    def __init__(self, graphdef, optimizer, mesh, *, temperature=0.02, chunk_size=None, rules=None):
+    def __init__(self, graphdef, optimizer, mesh, *, temperature=0.02, chunk_size=None, contrastive_group=None,
+                 rules=None):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        if contrastive_group is not None and contrastive_group < 1:
+            raise ValueError(f"contrastive_group must be >= 1 or None, got {contrastive_group}")
         self.graphdef, self.optimizer, self.mesh = graphdef, optimizer, mesh
         self.rules = load_rules() if rules is None else rules
         self.layout = _Layout(mesh, self.rules)
         self.loss_and_grad = make_loss_and_grad(graphdef, mesh, temperature=temperature, chunk_size=chunk_size,
-                                                rules=self.rules)
+                                                contrastive_group=contrastive_group, rules=self.rules)
         self._jitted = None
 
     def _update(self, state, batch, rng):
@@ -303,8 +335,10 @@ class TrainStep:
         return self.jitted(state)(state, self._select(batch), rng)
 
 
-def make_train_step(graphdef, optimizer, mesh, *, temperature=0.02, chunk_size=None, rules=None) -> TrainStep:
-    return TrainStep(graphdef, optimizer, mesh, temperature=temperature, chunk_size=chunk_size, rules=rules)
+def make_train_step(graphdef, optimizer, mesh, *, temperature=0.02, chunk_size=None, contrastive_group=None,
+                    rules=None) -> TrainStep:
+    return TrainStep(graphdef, optimizer, mesh, temperature=temperature, chunk_size=chunk_size,
+                     contrastive_group=contrastive_group, rules=rules)
 
 
 def embed_fn(graphdef):

@@ -28,9 +28,10 @@ def _digest(directory):
 
 
 def test_same_seed_same_bytes(tmp_path):
-    a = write_scene_split(tmp_path / "a", "train", 60, image_size=32, seed=5, records_per_shard=25)
-    b = write_scene_split(tmp_path / "b", "train", 60, image_size=32, seed=5, records_per_shard=25)
-    c = write_scene_split(tmp_path / "c", "train", 60, image_size=32, seed=6, records_per_shard=25)
+    # the same directory name: it names the TFDS dataset in the metadata written next to the shards
+    a = write_scene_split(tmp_path / "a" / "train", "train", 60, image_size=32, seed=5, records_per_shard=25)
+    b = write_scene_split(tmp_path / "b" / "train", "train", 60, image_size=32, seed=5, records_per_shard=25)
+    c = write_scene_split(tmp_path / "c" / "train", "train", 60, image_size=32, seed=6, records_per_shard=25)
     assert _digest(a) == _digest(b) != _digest(c)
     assert len(shard_paths(a)) == 3
 

@@ -139,7 +139,7 @@ def bad_set(tmp_path_factory):
     images.mkdir(parents=True)
     Image.new("RGB", (40, 30), (200, 10, 10)).save(images / "ok.png")
     Image.new("RGB", (40, 30), (200, 10, 10)).save(base / "outside.png")
-    os.symlink(base / "outside.png", images / "link.png")
+    os.symlink(base / "outside.png", images / "link.png")  # the operator's link: followed
     Image.new("CMYK", (40, 30), (0, 200, 200, 0)).save(images / "cmyk.jpg")
     Image.fromarray(np.arange(1200, dtype=np.uint16).reshape(30, 40) * 50).save(images / "i16.png")  # 16-bit grey
     palette = Image.new("P", (40, 30), 3)
@@ -158,8 +158,8 @@ def bad_set(tmp_path_factory):
                 "neg_text": ["a blue box"], "neg_image": [None]}
 
     entries = [encode_record(record(i, f"img/{name}")) for i, name in enumerate(
-        ["ok.png", "cmyk.jpg", "i16.png", "palette.png", "alpha.png", "ok.png",  # handled: kept
-         "zero.png", "garbage.jpg", "truncated.jpg", "missing.png", "link.png", "bomb.png"])]  # skipped
+        ["ok.png", "cmyk.jpg", "i16.png", "palette.png", "alpha.png", "ok.png", "link.png",  # handled: kept
+         "zero.png", "garbage.jpg", "truncated.jpg", "missing.png", "bomb.png"])]  # skipped
     entries += [
         encode_record(record(20, "../outside.png")),
         encode_record(record(21, "img/ok.png", qry_text="")),
@@ -181,9 +181,9 @@ def test_bad_input_is_counted_by_reason_and_skipped(processor_dir, bad_set):
     iterator = iter(make_dataset(config(processor_dir, **BAD_CONFIG), [bad_set]))
     kept = [batch for batch in iterator]
     report = problem_report(iterator)
-    assert sorted(int(b["record_index"][0]) for b in kept) == [0, 1, 2, 3, 4, 5, 17, 18]
+    assert sorted(int(b["record_index"][0]) for b in kept) == [0, 1, 2, 3, 4, 5, 6, 17, 18]
     assert report["rejected"] == {"corrupt_image": 3, "decompression_bomb": 1, "empty_text": 1, "invalid_record": 1,
-                                  "malformed_json": 1, "missing_image": 1, "path_escapes_root": 2,
+                                  "malformed_json": 1, "missing_image": 1, "path_escapes_root": 1,
                                   "text_too_long": 1}
     assert report["notes"] == {"negative_dropped_corrupt_image": 1, "truncated_text": 1}
     truncated = next(b for b in kept if b["record_index"][0] == 18)

@@ -1,4 +1,8 @@
-"""InfoNCE against a float64 numpy reference, with masked hard negatives and a row-sharded global batch."""
+"""InfoNCE against a float64 numpy reference, with masked hard negatives, groups of consecutive rows and a
+row-sharded global batch."""
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +10,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mme5_jax.loss import info_nce
-from mme5_jax.sharding import make_mesh
+from mme5_jax.sharding import load_rules, make_mesh
+from mme5_jax.train_step import _contrastive, _Layout
 
 
 def reference(q, p, n, mask, tau):
@@ -76,3 +81,57 @@ def test_sharded_rows_gather_positives_only(data):
     hlo = grad.lower(q, p, n).compile().as_text()
     assert "all-gather" in hlo
     assert "all-to-all" not in hlo
+
+
+def grouped_reference(q, p, n, mask, group, tau=0.02):
+    """float64 (loss, accuracy), each group of `group` consecutive rows scored on its own, averaged."""
+    parts = [reference(*(x[i:i + group] for x in (q, p, n, mask)), tau) for i in range(0, len(q), group)]
+    return tuple(np.mean(parts, axis=0))
+
+
+def test_groups_score_each_query_within_its_own_rows(data):
+    q, p, n, mask = data
+    loss, metrics = info_nce(q, p, n, mask, group_size=4)
+    ref_loss, ref_acc = grouped_reference(q, p, n, mask, 4)
+    assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss)
+    assert float(metrics["accuracy"]) == ref_acc
+    with pytest.raises(ValueError, match="group_size 5 does not divide the 16 queries"):
+        info_nce(q, p, n, mask, group_size=5)
+
+
+def all_gathered(hlo):
+    """Elements all-gathered by a compiled HLO module."""
+    shapes = re.findall(r"\w+\[([\d,]*)\]\S* all-gather\(", hlo)
+    return sum(math.prod(int(d) for d in dims.split(",") if d) for dims in shapes)
+
+
+@pytest.mark.parametrize("rows", [16, 24])
+def test_sharded_groups_gather_no_more_than_the_whole_batch(rows):
+    """Groups of 4 over 8 row shards: 16 rows (2 a shard) take the [groups, 4] layout, 24 rows (3 a shard, groups
+    straddling shards) the masked one. Both match per-group InfoNCE in loss and gradient, move no rows with an
+    all-to-all, and all-gather no more than the loss without groups."""
+    group = 4
+    layout = _Layout(make_mesh(8, 1, 1), load_rules())
+    assert layout.tiles(rows, group) == (rows == 16)
+    rng = np.random.default_rng(1)
+    embeddings = unit(rng.standard_normal((rows, 5, 8)))
+    mask = rng.random((rows, 3)) > 0.3
+
+    def grad_fn(g):
+        loss = lambda e: _contrastive(layout, e, mask, 0.02, g)
+        return jax.jit(jax.value_and_grad(loss, has_aux=True), in_shardings=layout.sharding())
+
+    def per_group(e, m):
+        return jax.value_and_grad(lambda e: info_nce(e[:, 0], e[:, 1], e[:, 2:], m, 0.02)[0])(e)
+
+    with jax.enable_x64(True):
+        (loss, metrics), grad = grad_fn(group)(embeddings)
+        refs = [per_group(e, m) for e, m in zip(np.split(embeddings, rows // group), np.split(mask, rows // group))]
+        hlo = grad_fn(group).lower(embeddings).compile().as_text()
+        global_hlo = grad_fn(None).lower(embeddings).compile().as_text()
+    # float64 throughout: the two differ only in the order of sums of <= 27 terms, ~1e-15 relative each.
+    assert float(loss) == pytest.approx(np.mean([float(ref) for ref, _ in refs]), rel=1e-12)
+    assert float(metrics["loss"]) == float(loss)
+    np.testing.assert_allclose(grad, np.concatenate([g for _, g in refs]) / (rows // group), rtol=1e-12, atol=1e-14)
+    assert "all-to-all" not in hlo
+    assert all_gathered(hlo) <= all_gathered(global_hlo)

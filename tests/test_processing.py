@@ -10,8 +10,6 @@ from assets import make_processor_dir, multilingual_texts, real_photos, varied_i
 from mme5_jax.processing import (
     BadItemError,
     MllamaInputProcessor,
-    convert_to_rgb,
-    mme5_min_height,
     model_string,
 )
 
@@ -52,14 +50,9 @@ def images():
     return varied_images()
 
 
-def hf_reference_image(image: Image.Image) -> Image.Image:
-    """What HF must see to match us: the mmE5 1-px-high fix is ours, HF does not apply it."""
-    return mme5_min_height(convert_to_rgb(image)) if image.height == 1 else image
-
-
 def hf_batch(hf_processor, items, **kwargs):
     texts = [model_string(item["text"], item["image"] is not None) for item in items]
-    images = [[hf_reference_image(item["image"])] if item["image"] is not None else [] for item in items]
+    images = [[item["image"]] if item["image"] is not None else [] for item in items]
     if all(not row for row in images):
         images = None
     kwargs = {"padding": True, "truncation": True, "max_length": 256, **kwargs}
@@ -107,7 +100,7 @@ def test_preprocess_image_equals_hf_image_processor(processor_dir, ours, images,
     ours = copy.copy(ours)
     ours.resample = resample
     for name, image in images:
-        expected = hf([[hf_reference_image(image)]])
+        expected = hf([[image]])
         got = ours.preprocess_image(image)
         assert got["pixel_values"].dtype == np.float32
         np.testing.assert_allclose(got["pixel_values"], expected["pixel_values"][0, 0], rtol=0, atol=1e-6,
@@ -201,13 +194,19 @@ def test_model_string_rule():
     assert model_string(" <|image_1|>\nx", False) == " \nx"
 
 
-def test_one_pixel_high_images_get_the_mme5_fix(ours, hf_processor):
+def test_one_pixel_high_fix_only_when_asked(processor_dir, ours, hf_processor):
     row = real_photos()[0][1].crop((0, 100, 512, 101))
-    got = ours.preprocess_image(row)
-    fixed = hf_processor.image_processor([[row.resize((512, 2))]])
     raw = hf_processor.image_processor([[row]])  # transformers itself accepts 1-px-high images
-    np.testing.assert_allclose(got["pixel_values"], fixed["pixel_values"][0, 0], rtol=0, atol=1e-6)
-    assert np.abs(got["pixel_values"] - raw["pixel_values"][0, 0]).max() > 0.01
+    fixed = hf_processor.image_processor([[row.resize((512, 2))]])
+    np.testing.assert_allclose(ours.preprocess_image(row)["pixel_values"], raw["pixel_values"][0, 0], rtol=0,
+                               atol=1e-6)
+    training = MllamaInputProcessor.from_pretrained(processor_dir, min_height_fix=True)
+    got = training.preprocess_image(row)["pixel_values"]
+    np.testing.assert_allclose(got, fixed["pixel_values"][0, 0], rtol=0, atol=1e-6)
+    assert np.abs(got - raw["pixel_values"][0, 0]).max() > 0.01
+    two_high = real_photos()[0][1].crop((0, 100, 512, 102))
+    np.testing.assert_array_equal(training.preprocess_image(two_high)["pixel_values"],
+                                  ours.preprocess_image(two_high)["pixel_values"])
 
 
 def test_image_paths_load_like_pil_images(ours, tmp_path, images):

@@ -55,7 +55,7 @@ def killed_runs(tmp_path_factory):
                                                     or t["process"].poll() is not None):
                 t["process"].kill()  # SIGKILL
                 t["process"].wait()
-                t["done_before_kill"] = set(read_journal(t["out"]).records)
+                t["done_before_kill"] = set(read_journal(t["out"]).done)
                 t["requests_before_rerun"] = len(t["server"].requests)
         time.sleep(0.002)
     yield images, trials

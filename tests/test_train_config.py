@@ -24,14 +24,14 @@ def test_defaults_and_overrides(config_file):
                                        "adapter.targets=null"])
     assert (config.train.steps, config.checkpoint.every_steps, config.seed) == (7, 3, 5)
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float) and config.train.eps == 1e-6
-    assert [(e.path, e.weight) for e in config.data.train] == [("a", 1.0), ("b", 2.0)]
+    assert [(e.path, e.weight) for e in config.data.train] == [("a", "auto"), ("b", 2.0)]
     assert config.output_dir == "runs/x" and config.adapter.kind == "dora"
 
 
 def test_the_shipped_configs_load():
     for name in ("demo", "mme5_zero_shot", "mme5_supervised"):
         config = load_config(f"configs/{name}.yaml")
-        assert config.train.steps > 0
+        assert (config.train.steps or 0) > 0 or config.train.epochs == 1
 
 
 @pytest.mark.parametrize("override, message", [
@@ -46,6 +46,9 @@ def test_the_shipped_configs_load():
     ("model.init=xavier", "model.init: 'xavier' is not one of hf, lecun"),
     ("data.train=[{path: a, wieght: 2}]", "unknown config key 'data.train[0].wieght'"),
     ("data.train=[3]", "data.train[0]: expected a mapping"),
+    ("data.train=[{path: a, weight: most}]", "data.train[0].weight: must be > 0 or 'auto', got 'most'"),
+    ("data.train=[a, {path: b, weight: -1}]", "data.train[1].weight: must be > 0 or 'auto', got -1.0"),
+    ("train.epochs=0", "train.epochs: must be > 0"),
     ("distributed.process_id=2", None),
     ("no_equals_sign", "not of the form key=value"),
 ])
@@ -57,6 +60,14 @@ def test_bad_keys_and_values_are_named(config_file, override, message):
     with pytest.raises(TrainConfigError) as err:
         load_config(config_file, [override])
     assert message in str(err.value)
+
+
+def test_steps_or_epochs(config_file):
+    with pytest.raises(TrainConfigError, match="set one of them, not both"):
+        load_config(config_file, ["train.steps=3", "train.epochs=1"])
+    config = load_config(config_file, ["train.epochs=0.5", "data.train=[a, {path: b, weight: 2}]"])
+    assert config.train.epochs == 0.5 and config.train.steps is None
+    assert [(e.path, e.weight) for e in config.data.train] == [("a", "auto"), ("b", 2.0)]
 
 
 def test_bad_file_contents_are_named(tmp_path):
@@ -93,3 +104,20 @@ def test_random_base_init(config_file, init):
         assert value.std() == pytest.approx(std, rel=0.1)
     assert np.all(params["language_model.blocks.layers.layers.1.cross_attn_attn_gate"] == 0.5)
     assert np.all(params["language_model.norm.weight"] == 1.0)   # norms keep HF's init either way
+
+
+def test_train_entries_name_a_directory_or_a_tfds_dataset(config_file):
+    from mme5_jax.data.tfds_source import TfdsRecordSet
+    from mme5_jax.train import train_record_sets
+
+    config = load_config(config_file, ['data.train=[a, {tfds: scenes, split: "train[:50%]", data_dir: d, weight: 2}]'])
+    directory, dataset = train_record_sets(config)
+    assert type(directory) is not TfdsRecordSet and directory.path == "a"
+    assert isinstance(dataset, TfdsRecordSet)
+    assert (dataset.path, dataset.split, dataset.data_dir, dataset.weight) == ("scenes", "train[:50%]", "d", 2.0)
+    assert train_record_sets(load_config(config_file, ["data.train=[{tfds: scenes}]"]))[0].split == "train"
+    for entry, words in [("{path: a, tfds: b}", "an entry needs exactly one of 'path'.*got path='a', tfds='b'"),
+                         ("{weight: 2}", "an entry needs exactly one of 'path'"),
+                         ("{path: a, split: test}", "'split' of the entry with path 'a' applies only to a 'tfds'")]:
+        with pytest.raises(TrainConfigError, match=f"^data.train: {words}"):
+            load_config(config_file, [f"data.train=[{entry}]"])

@@ -62,3 +62,53 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(inputs, monkeypat
     assert [r["skipped"] for r in records[:5]] == [0, 0, 1, 1, 1]
     assert [r["nonfinite_steps"] for r in records[:5]] == [0, 0, 1, 2, 3]
     assert np.isnan(records[2]["loss"]) and np.isfinite(records[1]["loss"])
+
+
+def test_contrastive_group_reaches_the_step_and_must_divide_the_batch(inputs, monkeypatch):
+    import mme5_jax.train_step as train_step
+    from mme5_jax.train import TrainConfigError
+
+    class Built(Exception):
+        """Stops the run once the step is built."""
+
+    def recording(*args, contrastive_group, **kwargs):
+        groups.append(contrastive_group)
+        raise Built
+
+    groups = []
+    monkeypatch.setattr(train_step, "make_train_step", recording)
+    with pytest.raises(Built):
+        train(load_config(write_config(inputs, "group", {"train": {"contrastive_group": 4}})))
+    assert groups == [4]
+    with pytest.raises(TrainConfigError, match="train.contrastive_group: must divide data.global_batch_size=16, "
+                                               "got 5"):
+        load_config(write_config(inputs, "group", {"train": {"contrastive_group": 5}}))
+    with pytest.raises(TrainConfigError, match="train.contrastive_group: must be > 0"):
+        load_config(write_config(inputs, "group", {"train": {"contrastive_group": 0}}))
+
+
+def _text_pairs(path, count, offset=0):
+    from mme5_jax.records import ShardWriter
+
+    colors, things = ["red", "green", "blue", "black"], ["cup", "car", "kite", "shoe", "lamp", "door", "boat", "hat"]
+    with ShardWriter(path) as writer:
+        for i in range(offset, offset + count):
+            color, thing = colors[i % 4], things[(i // 4) % 8]
+            writer.write({"id": f"tt-{i}", "source": "text", "task": "retrieval", "modality": "T->T",
+                          "language": "en", "qry_text": f"Find the description of this object: a {color} {thing}\n",
+                          "qry_image": None, "pos_text": f"{thing}, {color}\n", "pos_image": None,
+                          "neg_text": [f"{thing}, {colors[(i + 1) % 4]}\n"], "neg_image": [None]})
+    return str(path)
+
+
+def test_text_only_pairs_train_and_evaluate(inputs):
+    train_set = _text_pairs(inputs / "text-train", 64)
+    heldout = _text_pairs(inputs / "text-heldout", 32, offset=64)
+    config = load_config(write_config(inputs, "text", {
+        "data": {"train": [train_set], "heldout": heldout, "num_negatives": 1},
+        "train": {"steps": 2}, "eval": {"every_steps": 0, "max_examples": 32, "batch_size": 16}}))
+    summary = train(config)
+    assert summary["step"] == 2 and summary["data"]["rejected"] == {}
+    evals = [r for r in read_metrics(inputs / "text") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2] and all(r["num_queries"] == 32 for r in evals)
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(inputs / "text") if r["kind"] == "train")

@@ -1,5 +1,6 @@
 """`mme5 data import|stats`: bring released mmE5 data into the record format, and look inside a record set."""
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -47,8 +48,10 @@ def add_arguments(parser):
     sub = parser.add_subparsers(dest="data_command", metavar="{import,stats}", required=True)
     imp = sub.add_parser("import", help="convert released mmE5 parquet files into record shards + summary.json",
                          description="Convert parquet in the released mmE5 layout (qry, qry_image_path, pos_text, "
-                                     "pos_image_path, neg_text, neg_image_path) into record shards. Defective rows "
-                                     "are repaired or skipped and counted by reason in OUT/summary.json.")
+                                     "pos_image_path, neg_text, neg_image_path, optionally modality, task, language) "
+                                     "into record shards. Defective rows are repaired or skipped and counted by "
+                                     "reason in OUT/summary.json, with every released label that disagrees with "
+                                     "its row's content.")
     imp.add_argument("parquet", nargs="+", metavar="PARQUET", help="released parquet files")
     imp.add_argument("--image-root", required=True, metavar="DIR", help="directory the image paths are relative to")
     imp.add_argument("--out", required=True, metavar="DIR", help="empty or new directory for the record set")
@@ -60,6 +63,10 @@ def add_arguments(parser):
     imp.add_argument("--no-check-images", action="store_true",
                      help="do not stat image files (paths escaping the root are still rejected)")
     imp.add_argument("--records-per-shard", type=int, default=10000, help="entries per ArrayRecord shard (10000)")
+    imp.add_argument("--max-rows", type=int, metavar="N",
+                     help="keep only the first N rows of each subset, in stored order; files of one subset (see "
+                          "--source) count together, in the order given. mmE5 trains on the first 50000 of each "
+                          "labelled subset. Default: all rows")
     stats = sub.add_parser("stats", help="print counts and sizes of a record set as JSON",
                            description="Print counts by task, modality, language and source of a record set, "
                                        "with its import summary when there is one.")
@@ -71,10 +78,15 @@ def run(args):
     if args.data_command == "import":
         from mme5_jax.data.importer import import_parquet
 
-        summary = import_parquet(args.parquet, args.image_root, args.out, source=args.source, task=args.task,
-                                 language=args.language, check_images=not args.no_check_images,
-                                 records_per_shard=args.records_per_shard)
-        print(json.dumps({k: summary[k] for k in ("rows", "kept", "rows_repaired", "skipped", "repaired")}, indent=2))
+        try:
+            summary = import_parquet(args.parquet, args.image_root, args.out, source=args.source, task=args.task,
+                                     language=args.language, check_images=not args.no_check_images,
+                                     records_per_shard=args.records_per_shard, max_rows=args.max_rows)
+        except (OSError, ValueError) as err:  # a missing file or column, a bad --max-rows, a non-empty --out
+            print(f"mme5 data import: error: {err}", file=sys.stderr)
+            return 2
+        print(json.dumps({k: summary[k] for k in ("rows", "kept", "rows_repaired", "skipped", "repaired", "labels")},
+                         indent=2))
         print(f"wrote {summary['num_records']} records to {args.out}")
         return 0
     print(json.dumps(record_set_stats(args.record_dir, check_images=args.check_images), indent=2, ensure_ascii=False))

@@ -1,19 +1,22 @@
 """Import mmE5's released parquet data (`intfloat/mmE5-synthetic`, `intfloat/mmE5-MMEB-hardneg`) into records.
 
 The released layout is VLM2Vec's: `qry, qry_image_path, pos_text, pos_image_path, neg_text, neg_image_path`,
-with `<|image_1|>\\n` in front of image-bearing texts and the negatives as *stringified Python lists*.
+with `<|image_1|>\\n` in front of image-bearing texts and the negatives as *stringified Python lists*. The
+synthetic set adds `modality` (codes such as `T2I`, `IT2IT`) and `task` (`Classification`, `VQA`, `Retrieval`)
+columns; a label that disagrees with what its row holds loses to the content, and is counted.
 The data has known defects (empty positives, stray image tokens on text-only queries, missing images),
 so every row is checked and each one is either kept, kept after a named repair, or skipped for a named
 reason; `summary.json` counts them all. Negative lists are parsed with `ast.literal_eval`, never executed.
 """
 import ast
+import functools
 import json
 import os
 import re
 from collections import Counter
 from pathlib import Path
 
-from mme5_jax.records import RecordError, ShardWriter, check_image_path
+from mme5_jax.records import MODALITIES, TASKS, RecordError, ShardWriter, check_image_path, resolve_image_path
 
 COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path")
 OPTIONAL_COLUMNS = ("task", "modality", "language")
@@ -63,28 +66,22 @@ class ImportStats:
 
 
 class ImageChecker:
-    """Decides whether a released image path is usable: inside the root (also after symlinks) and present."""
+    """Decides whether a released image path is usable: inside the root as written, and present.
+
+    Containment is judged on the path as written (no absolute path, no `..` above the root); links the operator
+    placed under the root (a mounted image set, say) are followed. The verdict cache is bounded, so a billion-row
+    import does not grow with its distinct paths.
+    """
 
     def __init__(self, image_root, check_files=True):
         self.root = Path(image_root)
-        self.real_root = os.path.realpath(self.root)
         self.check_files = check_files
-        self._cache = {}
-
-    def problem(self, path):
-        if path not in self._cache:
-            self._cache[path] = self._problem(path)
-        return self._cache[path]
+        self.problem = functools.lru_cache(maxsize=1 << 16)(self._problem)
 
     def _problem(self, path):
         if check_image_path(path):
             return "path_escapes_root"
-        if not self.check_files:
-            return None
-        full = os.path.realpath(self.root / path)
-        if os.path.commonpath([full, self.real_root]) != self.real_root:
-            return "path_escapes_root"
-        if not os.path.isfile(full):
+        if self.check_files and not os.path.isfile(resolve_image_path(self.root, path)):
             return "missing_image"
         return None
 
@@ -140,12 +137,76 @@ def _side(text, image):
     return ("I" if image else "") + ("T" if text.strip() else "")
 
 
+def released_modality(code):
+    """`T2I`, `it2it`, `IT->I`, ... as the records' `T->I`, `IT->IT`, `IT->I`; None for any other value."""
+    query, sep, target = str(code).strip().upper().replace("->", "2").partition("2")
+    modality = f"{query}->{target}"
+    return modality if sep and modality in MODALITIES else None
+
+
+class Labels:
+    """Reconciles a row's released `modality`/`task` labels with what it holds, counting every disagreement.
+
+    The content decides which sides have an image. A labelled image side (`I`) may still carry text: that text
+    is the instruction ("Represent the given image."), so `I` with text is consistent. Unknown label values are
+    counted with their value (the first `max_values` distinct ones; the rest as `<other>`) and cost the row
+    nothing.
+    """
+
+    max_values = 100
+
+    def __init__(self):
+        self.disagreements = Counter()
+        self.unknown = {"modality": Counter(), "task": Counter()}
+
+    def _unknown(self, column, value):
+        counts = self.unknown[column]
+        key = str(value) if str(value) in counts or len(counts) < self.max_values else "<other>"
+        counts[key] += 1
+
+    def modality(self, label, query_side, target_side):
+        content = f"{query_side}->{target_side}"
+        if label is None or (isinstance(label, str) and not label.strip()):
+            return content
+        modality = released_modality(label)
+        if modality is None:
+            self._unknown("modality", label)
+            return content
+        sides = []
+        for labelled, held in zip(modality.split("->"), (query_side, target_side)):
+            consistent = labelled == held or (labelled == "I" and held == "IT")
+            sides.append(labelled if consistent else held)
+        decided = "->".join(sides)
+        if decided != modality:
+            self.disagreements[f"modality {str(label).strip()} but the row holds {decided}"] += 1
+        return decided
+
+    def task(self, label, default):
+        if label is None or (isinstance(label, str) and not label.strip()):
+            return default
+        task = str(label).strip().lower()
+        if task in TASKS:
+            return task
+        self._unknown("task", label)
+        return default
+
+    def as_dict(self):
+        return {"disagreements": dict(sorted(self.disagreements.items())),
+                "unknown": {column: dict(sorted(c.items())) for column, c in self.unknown.items()}}
+
+
+def _pad_to(values, length):
+    """mmE5 pads a short negative list by repeating its last element."""
+    return values + values[-1:] * (length - len(values))
+
+
 class RowConverter:
     """Turns one released row into a record (validated when written), noting repairs; raises SkipRow when it
     cannot."""
 
-    def __init__(self, images, source, task, language):
-        self.images, self.source, self.task, self.language = images, source, task, language
+    def __init__(self, images, labels, source, task, language):
+        self.images, self.labels = images, labels
+        self.source, self.task, self.language = source, task, language
 
     def __call__(self, row, row_id, note_repair):
         qry_image = self._image(row.get("qry_image_path"), "query")
@@ -157,12 +218,10 @@ class RowConverter:
             raise SkipRow("empty_query")
         if not target_side:
             raise SkipRow("empty_positive")
-        if query_side == "T" and target_side == "T":
-            raise SkipRow("text_only_pair", "neither side has an image")
         neg_text, neg_image = self._negatives(row, "I" in target_side, target_side == "T", note_repair)
         return {
-            "id": row_id, "source": self.source, "task": _text(row.get("task")) or self.task,
-            "modality": _text(row.get("modality")) or f"{query_side}->{target_side}",
+            "id": row_id, "source": self.source, "task": self.labels.task(row.get("task"), self.task),
+            "modality": self.labels.modality(row.get("modality"), query_side, target_side),
             "language": _text(row.get("language")) or self.language,
             "qry_text": qry_text, "qry_image": qry_image, "pos_text": pos_text, "pos_image": pos_image,
             "neg_text": neg_text, "neg_image": neg_image,
@@ -180,9 +239,10 @@ class RowConverter:
     def _negatives(self, row, need_image, need_text, note_repair):
         texts = parse_list(row.get("neg_text"), "neg_text")
         images = parse_list(row.get("neg_image_path"), "neg_image_path")
-        if texts and images and len(texts) != len(images):
-            raise SkipRow("negatives_length_mismatch", f"{len(texts)} neg_text vs {len(images)} neg_image_path")
         count = max(len(texts), len(images))
+        if texts and images and len(texts) != len(images):
+            note_repair("negatives_padded")
+            texts, images = _pad_to(texts, count), _pad_to(images, count)
         texts, images = texts or [""] * count, images or [None] * count
         kept_text, kept_image = [], []
         for text, image in zip(texts, images):
@@ -212,12 +272,32 @@ def source_name(path):
     return path.stem
 
 
+def _first_rows(parquet, columns, max_rows):
+    """The file's rows in stored order, in batches, stopping after `max_rows` (all when None)."""
+    left = parquet.metadata.num_rows if max_rows is None else min(max_rows, parquet.metadata.num_rows)
+    if left <= 0:
+        return
+    for batch in parquet.iter_batches(batch_size=2048, columns=columns):
+        if left <= 0:
+            return
+        rows = batch.slice(0, left).to_pylist()
+        left -= len(rows)
+        yield rows
+
+
 def import_parquet(parquet_paths, image_root, out_dir, source=None, task=None, language="en", check_images=True,
-                   records_per_shard=10000, progress=True):
-    """Convert released parquet files into a record set at `out_dir`; returns the summary dict."""
+                   records_per_shard=10000, max_rows=None, progress=True):
+    """Convert released parquet files into a record set at `out_dir`; returns the summary dict.
+
+    `max_rows` keeps the first N rows of each subset (`source`, named by each file's path unless given): files of
+    one subset count together, in the order given. mmE5 trains on the first 50,000 rows of each labelled subset.
+    Rows stream through in batches, so memory does not grow with the input.
+    """
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"--max-rows must be >= 1, got {max_rows}")
     image_root, out_dir = Path(image_root), Path(out_dir)
     if not image_root.is_dir():
         raise FileNotFoundError(f"--image-root {image_root} is not a directory")
@@ -226,20 +306,25 @@ def import_parquet(parquet_paths, image_root, out_dir, source=None, task=None, l
         missing = [c for c in COLUMNS if c not in parquet.schema_arrow.names]
         if missing:
             raise ValueError(f"{path} lacks column {missing[0]!r}; the released layout has {', '.join(COLUMNS)}")
-    images = ImageChecker(image_root, check_files=check_images)
+    images, labels = ImageChecker(image_root, check_files=check_images), Labels()
     stats, rows_per_source = ImportStats(), Counter()
     counts = {"task": Counter(), "modality": Counter(), "source": Counter()}
-    total_rows = sum(f.metadata.num_rows for f in files)
-    with ShardWriter(out_dir, records_per_shard=records_per_shard) as writer, \
+    rows_by_source = Counter()
+    for path, parquet in zip(parquet_paths, files):
+        rows_by_source[source or source_name(path)] += parquet.metadata.num_rows
+    total_rows = sum(n if max_rows is None else min(n, max_rows) for n in rows_by_source.values())
+    # Ids are `<source>-<row number>`, unique by construction: no id set to grow with the output.
+    with ShardWriter(out_dir, records_per_shard=records_per_shard, check_unique_ids=False) as writer, \
             tqdm(total=total_rows, desc="import", unit="row", disable=not progress) as bar:
         for path, parquet in zip(parquet_paths, files):
             name = source or source_name(path)
-            convert = RowConverter(images, name, task or SUBSET_TASKS.get(name, "retrieval"), language)
+            convert = RowConverter(images, labels, name, task or SUBSET_TASKS.get(name, "retrieval"), language)
             columns = list(COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in parquet.schema_arrow.names]
-            row_in_file = 0
-            for batch in parquet.iter_batches(batch_size=2048, columns=columns):
-                for row in batch.to_pylist():
-                    where = f"{Path(path).name}:{row_in_file}"
+            row_in_file, file_name = 0, Path(path).name
+            left = None if max_rows is None else max_rows - rows_per_source[name]
+            for rows in _first_rows(parquet, columns, left):
+                for row in rows:
+                    where = f"{file_name}:{row_in_file}"
                     row_id = f"{name}-{rows_per_source[name]:08d}"
                     rows_per_source[name] += 1
                     row_in_file += 1
@@ -260,10 +345,10 @@ def import_parquet(parquet_paths, image_root, out_dir, source=None, task=None, l
                         stats.note("repaired", reason, where)
                     for key in counts:
                         counts[key][record[key]] += 1
-                bar.update(batch.num_rows)
+                bar.update(len(rows))
     summary = {"generator": "mme5 data import", "inputs": [str(p) for p in parquet_paths],
-               "image_root": str(image_root.resolve()), "images_checked": check_images,
-               "num_records": writer.num_records, **stats.as_dict(),
+               "image_root": os.path.abspath(image_root), "images_checked": check_images, "max_rows": max_rows,
+               "num_records": writer.num_records, **stats.as_dict(), "labels": labels.as_dict(),
                "counts": {k: dict(sorted(v.items())) for k, v in counts.items()}}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return summary

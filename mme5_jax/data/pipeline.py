@@ -2,8 +2,8 @@
 
 Order of work (DESIGN section 6):
 
-    per record set: ArrayRecord source -> shuffle(seed + i)      (index-level, so it costs nothing)
-    mix by weight -> repeat(num_epochs) -> [process_index::process_count]
+    record sets -> one shuffled pass over them (`open_mixture`: index-level, so it costs nothing)
+    -> repeat(num_epochs) -> [process_index::process_count]
     -> map(decode, load images, Mllama preprocessing)           (in `num_workers` processes)
     -> count and drop rejected examples -> batch into length buckets
 
@@ -33,19 +33,25 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mme5_jax.processing import DEFAULT_MAX_IMAGE_PIXELS, BadItemError, MllamaInputProcessor
-from mme5_jax.records import RecordError, RecordSource, check_image_path, decode_record
+from mme5_jax.records import RecordError, RecordSource, check_image_path, decode_record, resolve_image_path
 
 log = logging.getLogger(__name__)
 TEXT_KEYS = ("input_ids", "attention_mask", "cross_attention_mask")
 POLICIES = ("skip", "raise")
 
 
+AUTO = "auto"
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordSet:
-    """A record directory, its mixture weight and its image root (default: from summary.json, else the dir)."""
+    """A record directory, its mixture weight and its image root (default: from summary.json, else the dir).
+
+    A weight of `auto` stands for the set's record count (see `open_mixture`).
+    """
 
     path: str
-    weight: float = 1.0
+    weight: float | str = 1.0
     image_root: str | None = None
 
     def open(self):
@@ -117,9 +123,10 @@ def _image_problem(error):
 
 @functools.lru_cache(maxsize=4)
 def load_processor(processor_dir, bos, max_length, max_image_pixels):
-    """One processor per process and setting: loading a Llama-3 tokenizer takes seconds."""
+    """One processor per process and setting: loading a Llama-3 tokenizer takes seconds. Training applies mmE5's
+    training-collator fix for 1-px-high images (inference does not)."""
     return MllamaInputProcessor.from_pretrained(processor_dir, bos=bos, max_length=max_length,
-                                                max_image_pixels=max_image_pixels)
+                                                max_image_pixels=max_image_pixels, min_height_fix=True)
 
 
 class PrepareExample:
@@ -156,14 +163,12 @@ class PrepareExample:
         return example
 
     def _load_image(self, root, path, field):
-        problem = check_image_path(path)
-        full = os.path.realpath(os.path.join(root, path))
-        real_root = os.path.realpath(root)
-        if problem or os.path.commonpath([full, real_root]) != real_root:
+        # Judged on the path as written; links the operator placed under the root are followed.
+        if check_image_path(path):
             raise _Reject("path_escapes_root", f"{field} {path!r}")
         processor = self.processor
         try:
-            return processor.load_image(full)
+            return processor.load_image(resolve_image_path(root, path))
         except Exception as err:  # PIL raises many types on malformed files: each is the file's fault, counted
             raise _Reject(_image_problem(err), f"{field} {path!r}: {type(err).__name__}: {err}") from None
 
@@ -324,6 +329,54 @@ class _Tag:
         return self.source_index, index % self.num_records, data
 
 
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """One pass over the training record sets, interleaved: `dataset` yields (source_index, record_index, entry).
+
+    When every weight is `auto`, the sets are concatenated and shuffled as one, as mmE5 shuffles its concatenated
+    data, so a pass reads each record exactly once. Otherwise Grain mixes them by weight (`auto` standing for the
+    set's record count), and a pass ends when the first set runs out: the others are read only in part.
+    """
+
+    dataset: grain.MapDataset
+    names: tuple
+    sizes: tuple
+    weights: tuple
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def replays(self, num_examples):
+        """[(name, records, expected draws)] of the sets that `num_examples` examples would read more than once."""
+        total = sum(self.weights)
+        draws = [num_examples * w / total for w in self.weights]
+        return [(n, size, d) for n, size, d in zip(self.names, self.sizes, draws) if d > size]
+
+
+def open_mixture(record_sets, seed):
+    """The `Mixture` of `record_sets` (RecordSet or path), each shuffled with its own seed."""
+    if not record_sets:
+        raise ValueError("no record sets given")
+    record_sets = [RecordSet(r) if isinstance(r, (str, os.PathLike)) else r for r in record_sets]
+    sources, sizes = [], []
+    for i, record_set in enumerate(record_sets):
+        if record_set.weight != AUTO and not (isinstance(record_set.weight, (int, float)) and record_set.weight > 0):
+            raise ValueError(f"record set {record_set.path}: weight must be > 0 or {AUTO!r}, got {record_set.weight!r}")
+        source = record_set.open()
+        if not len(source):
+            raise ValueError(f"record set {record_set.path} is empty")
+        sizes.append(len(source))
+        sources.append(grain.MapDataset.source(source).map_with_index(_Tag(i, len(source))))
+    weights = [size if r.weight == AUTO else float(r.weight) for r, size in zip(record_sets, sizes)]
+    if len(sources) == 1:
+        ds = sources[0].shuffle(seed)
+    elif all(r.weight == AUTO for r in record_sets):
+        ds = grain.MapDataset.concatenate(sources).shuffle(seed)
+    else:
+        ds = grain.MapDataset.mix([s.shuffle(seed + i) for i, s in enumerate(sources)], weights)
+    return Mixture(ds, tuple(str(r.path) for r in record_sets), tuple(sizes), tuple(weights))
+
+
 def make_dataset(config, record_sets, process_index=0, process_count=1):
     """The pipeline as a `grain.IterDataset` of host batches for one process (see module docstring)."""
     if config.bad_input not in POLICIES:
@@ -331,17 +384,8 @@ def make_dataset(config, record_sets, process_index=0, process_count=1):
     if config.global_batch_size % process_count:
         raise ValueError(f"global_batch_size={config.global_batch_size} is not divisible by "
                          f"process_count={process_count}")
-    if not record_sets:
-        raise ValueError("no record sets given")
     record_sets = [RecordSet(r) if isinstance(r, (str, os.PathLike)) else r for r in record_sets]
-    sources = []
-    for i, record_set in enumerate(record_sets):
-        source = record_set.open()
-        if not len(source):
-            raise ValueError(f"record set {record_set} is empty")
-        sources.append(grain.MapDataset.source(source).map_with_index(_Tag(i, len(source))).shuffle(config.seed + i))
-    ds = sources[0] if len(sources) == 1 else grain.MapDataset.mix(sources, [r.weight for r in record_sets])
-    ds = ds.repeat(config.num_epochs)
+    ds = open_mixture(record_sets, config.seed).dataset.repeat(config.num_epochs)
     ds = ds[process_index::process_count]
     ds = ds.map(PrepareExample(config, [r.resolved_image_root() for r in record_sets]))
     # Grain's default read-ahead (16 threads, 500 elements) would hold gigabytes of 448-px tiles per process.

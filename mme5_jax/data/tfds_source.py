@@ -3,9 +3,13 @@
 `tfds.data_source` gives random access to a prepared TFDS dataset without TensorFlow, which is what both
 uses need: synthesis and retrieval index images by position, and Grain shuffles record indices.
 Image features may be decoded arrays or encoded bytes; both come back as PIL images.
+Every record set this project writes is such a dataset (see `mme5_jax.records`), as is any TFDS dataset
+with a Text feature holding one record's JSON.
 """
 import dataclasses
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -13,12 +17,16 @@ from PIL import Image
 from mme5_jax.data.pipeline import RecordSet
 
 
-def data_source(name, split, data_dir=None):
+def _tfds():
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:
         raise ImportError("TFDS sources need tensorflow-datasets: pip install 'mme5-jax[tfds]'") from err
-    return tfds.data_source(name, split=split, data_dir=data_dir)
+    return tfds
+
+
+def data_source(name, split, data_dir=None):
+    return _tfds().data_source(name, split=split, data_dir=data_dir)
 
 
 def to_pil(value, where):
@@ -51,7 +59,8 @@ class TfdsImagePool:
 
 
 class TfdsRecords:
-    """Random access to records stored one JSON text per example in feature `record_key`."""
+    """Random access to records stored one JSON text per example in feature `record_key`, as the JSON bytes
+    that `decode_record` parses."""
 
     def __init__(self, name, split, data_dir=None, record_key="record"):
         self.name, self.split, self.record_key = name, split, record_key
@@ -70,7 +79,8 @@ class TfdsRecords:
 
 @dataclasses.dataclass(frozen=True)
 class TfdsRecordSet(RecordSet):
-    """A record set kept in a TFDS dataset (`path` is the dataset name); images are files under `image_root`."""
+    """A record set kept in a TFDS dataset (`path` is the dataset name); images are files under `image_root`,
+    by default the one in the `summary.json` that a record set placed in `data_dir` keeps next to its shards."""
 
     split: str = "train"
     data_dir: str | None = None
@@ -80,6 +90,12 @@ class TfdsRecordSet(RecordSet):
         return TfdsRecords(self.path, self.split, self.data_dir, self.record_key)
 
     def resolved_image_root(self):
-        if self.image_root is None:
-            raise ValueError(f"TFDS record set {self.path}/{self.split} needs image_root for its image paths")
-        return str(self.image_root)
+        if self.image_root is not None:
+            return str(self.image_root)
+        directory = Path(_tfds().builder(self.path, data_dir=self.data_dir).data_dir)
+        summary = directory / "summary.json"
+        root = json.loads(summary.read_text(encoding="utf-8")).get("image_root") if summary.is_file() else None
+        if root is None:
+            raise ValueError(f"TFDS record set {self.path}/{self.split} needs image_root for its image paths: "
+                             f"{directory} has no summary.json naming one")
+        return str(directory / root)

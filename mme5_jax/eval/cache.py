@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 # Bump when the way an embedding is computed from the same files changes (processing, pooling).
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _DIGEST_MEMO = "file_digests.json"
 
 
