@@ -8,8 +8,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mme5_jax", "mme5_jax.*", "data_synth", "data_synth.*"]),
-    package_data={"": ["*.yaml", "*.json"]},
-    include_package_data=True,
+    # Every bundled config, subfolders included; only these (the config subfolders are data, not packages).
+    package_data={"mme5_jax.configs": ["**/*.yaml"]},
+    include_package_data=False,
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
@@ -26,6 +27,8 @@ setup(
         "pyarrow",
         "tensorboard",
         "matplotlib",
+        "llama-models",  # the offline Llama-3 tokenizer of the demo's processor
+        "tiktoken",
     ],
     extras_require={
         "test": [
@@ -33,12 +36,11 @@ setup(
             "pytest-timeout",
             "torch==2.13.0",
             "peft",
-            "llama-models",
-            "tiktoken",
             "scikit-image",
             "scikit-learn",
             "openai",
             "tensorflow-datasets",
+            "ruff",
         ],
         "synth": ["openai", "httpx2"],
         "tfds": ["tensorflow-datasets"],

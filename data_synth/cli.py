@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from data_synth.config import load_defaults
+from data_synth.config import IMAGE_DETAILS, MODES, load_defaults
 
 
 def _add_run_arguments(p):
@@ -21,19 +21,19 @@ def _add_run_arguments(p):
     p.add_argument("--out", required=True, help="run directory: journal, shards, summary.json")
     p.add_argument("--num-samples", type=int, required=True, help="how many samples to plan")
     p.add_argument("--model", help=f"model name sent to the server (default {defaults['model']}); priced from "
-                                   f"configs/synth/prices.yaml")
+                                   f"prices.yaml in --config-dir")
     p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://host:8000/v1 for vLLM")
     p.add_argument("--api-key-env", help=f"environment variable holding the key (default {defaults['api_key_env']})")
     p.add_argument("--concurrency", type=int, help=f"requests in flight (default {defaults['concurrency']})")
     p.add_argument("--requests-per-minute", type=int, help="request rate limit")
     p.add_argument("--tokens-per-minute", type=int, help="token rate limit (prompt bound + max completion)")
     p.add_argument("--max-cost-usd", type=float, help="hard cap on total spend in this --out, in USD")
-    p.add_argument("--seed", type=int, help="plan seed (default 0)")
+    p.add_argument("--seed", type=int, help=f"plan seed (default {defaults['seed']})")
     p.add_argument("--languages", help="comma-separated language codes to restrict to (default: all 93)")
-    p.add_argument("--mode", choices=("online", "batch"), help="online requests or the Batch API (half price)")
+    p.add_argument("--mode", choices=MODES, help="online requests or the Batch API (half price)")
     p.add_argument("--image-index", help="precomputed embeddings .npy, one row per image in sorted path order")
     p.add_argument("--embedder", help="mme5 model path; embeds the pool with our Embedder instead of --image-index")
-    p.add_argument("--image-detail", choices=("low", "high", "auto"), help="image detail sent to the model")
+    p.add_argument("--image-detail", choices=IMAGE_DETAILS, help="image detail sent to the model")
     p.add_argument("--image-max-side", type=int, help="longest side images are scaled to before sending")
     p.add_argument("--max-attempts", type=int, help="strikes before a sample is parked")
     p.add_argument("--request-timeout-s", type=float, help="per-request timeout")
@@ -45,7 +45,8 @@ def _add_run_arguments(p):
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan's composition and cost estimate, send nothing")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
-    p.add_argument("--config-dir", help="directory with defaults.yaml, languages.yaml, prices.yaml")
+    p.add_argument("--config-dir", help="directory with defaults.yaml, languages.yaml, prices.yaml (default: the "
+                                        "bundled mme5_jax/configs/synth)")
 
 
 def build_parser():

@@ -15,10 +15,10 @@ class Price:
 
     @classmethod
     def for_model(cls, prices, model, batch=False):
-        """The per-token price of `model` from configs/synth/prices.yaml; batch requests get its discount."""
+        """The per-token price of `model` from prices.yaml; batch requests get its discount."""
         table = prices["models"]
         if model not in table:
-            raise KeyError(f"model {model!r} has no price in configs/synth/prices.yaml (known: {', '.join(table)}); "
+            raise KeyError(f"model {model!r} has no price in prices.yaml (known: {', '.join(table)}); "
                            f"add it so the cost cap can be enforced")
         scale = prices["batch_discount"] if batch else 1.0
         return cls(table[model]["input"] * scale / 1e6, table[model]["output"] * scale / 1e6)

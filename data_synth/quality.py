@@ -16,7 +16,7 @@ _SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 # A text-only sample's instruction must not send the model looking for an image it will never be given.
 _MENTIONS_IMAGE = re.compile(r"\b(image|picture|photo|photograph)s?\b", re.IGNORECASE)
 
-# Unicode character-name prefixes of the letters each ISO 15924 script (configs/synth/languages.yaml) uses.
+# Unicode character-name prefixes of the letters each ISO 15924 script (synth/languages.yaml) uses.
 SCRIPT_PREFIXES = {
     "Latn": ("LATIN",), "Cyrl": ("CYRILLIC",), "Arab": ("ARABIC",), "Hebr": ("HEBREW",), "Grek": ("GREEK",),
     "Deva": ("DEVANAGARI",), "Beng": ("BENGALI",), "Gujr": ("GUJARATI",), "Guru": ("GURMUKHI",),

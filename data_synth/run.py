@@ -11,15 +11,16 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
-from data_synth.config import load_defaults, load_languages, load_prices, select_languages
+from data_synth.config import (CONFIG_DIR, SETTINGS_RULES, SynthConfigError, SynthSettings, load_defaults,
+                               load_languages, load_prices, select_languages)
 from data_synth.images import ImagePool, export_tfds
 from data_synth.journal import RUN_FILE, Journal, read_journal
 from data_synth.ledger import Price
 from data_synth.output import finalize, write_summary
 from data_synth.plan import make_plan, plan_digest
 from data_synth.prompts import PROMPT_VERSION, build_request
+from mme5_jax import yaml_config
 
 LOCK_FILE = ".lock"   # flock-ed while a run is going on; the kernel drops it when the process dies
 # Settings that shape the plan, kept in run.json: when a rerun's plan differs, the changed ones are named.
@@ -28,13 +29,14 @@ PLAN_KEYS = ("images", "num_samples", "seed", "languages", "model", "negative_ra
 
 
 def resolve_settings(config_dir=None, **overrides):
-    """defaults.yaml, overridden by every argument that is not None."""
-    settings = load_defaults(config_dir)
-    settings.update({"config_dir": config_dir, "max_cost_usd": None, "languages": None, "base_url": None,
-                     "mode": "online", "image_index": None, "embedder": None, "retry_parked": False,
-                     "dry_run": False, "progress": True, "backoff_base_s": 1.0})
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    return SimpleNamespace(**settings)
+    """defaults.yaml, overridden by every argument that is not None, validated as SynthSettings."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    values = {**load_defaults(config_dir), "config_dir": config_dir, **given}
+    try:
+        return yaml_config.build(SynthSettings, values, SETTINGS_RULES)
+    except yaml_config.ConfigError as err:
+        raise SynthConfigError(f"{err} (set in {Path(config_dir or CONFIG_DIR) / 'defaults.yaml'} or by a flag)") \
+            from None
 
 
 class Synthesis:

@@ -10,10 +10,10 @@ import sys
 COMMANDS = {
     "embed": ("mme5_jax.embedder", "Encode (text, image) items from a JSONL file into L2-normalised embeddings."),
     "data": ("mme5_jax.data.cli", "Import released mmE5 parquet data into records, or print a record set's stats."),
-    "eval": ("mme5_jax.eval.cli", "Score a model on local MMEB-eval or XTD-10 copies; write results.json and a report."),
-    "convert": ("mme5_jax.convert", "Convert Hugging Face Mllama weights to and from our Orbax checkpoint; inspect either."),
-    "demo-data": ("mme5_jax.data.demo", "Write the small deterministic multilingual demo dataset (train/heldout/photos)."),
-    "bench": ("mme5_jax.bench.cli", "Benchmark the train step: examples/s, tokens/s, MFU/HFU per chip, step time, memory."),
+    "eval": ("mme5_jax.eval.cli", "Score a model on local MMEB-eval or XTD-10 copies; write results.json, a report."),
+    "convert": ("mme5_jax.convert", "Convert HF Mllama weights to and from our Orbax checkpoint; inspect either."),
+    "demo-data": ("mme5_jax.data.demo", "Write the small, deterministic, multilingual demo dataset and photos."),
+    "bench": ("mme5_jax.bench.cli", "Benchmark the train step: examples/s, tokens/s, MFU/HFU per chip, time, memory."),
     "train": ("mme5_jax.train", "Train LoRA/DoRA adapters with InfoNCE from a YAML config (resumes from output_dir)."),
 }
 

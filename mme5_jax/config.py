@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import yaml
 from flax.core import FrozenDict
 
+from mme5_jax.configs import BundledConfigNotFound, config_path
+
 ACTIVATION_NAMES = ("gelu", "silu", "gelu_pytorch_tanh")
 DEFAULT_ASPECT_RATIOS = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
 
@@ -69,7 +71,8 @@ class VisionConfig:
                  f"{bad} outside [0, {self.num_hidden_layers})")
         _require(list(self.intermediate_layers_indices) == sorted(set(self.intermediate_layers_indices)),
                  "vision_config.intermediate_layers_indices", "must be strictly increasing")
-        _require(self.hidden_act in ACTIVATION_NAMES, "vision_config.hidden_act", f"{self.hidden_act!r} is not supported")
+        _require(self.hidden_act in ACTIVATION_NAMES, "vision_config.hidden_act",
+                 f"{self.hidden_act!r} is not supported")
 
 
 @dataclass(frozen=True)
@@ -152,10 +155,9 @@ class ModelConfig:
 
     def to_hf_dict(self, layout: str = "installed") -> dict:
         """A `config.json` dict in the given key layout: "4.46", "5", or "installed" (the running transformers)."""
-        if layout == "installed":
-            import transformers
+        from mme5_jax.hf.layout import config_layout
 
-            layout = "5" if int(transformers.__version__.split(".")[0]) >= 5 else "4.46"
+        layout = config_layout(layout)
         v = dataclasses.asdict(self.vision)
         vision = dict(
             hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
@@ -198,19 +200,17 @@ class ModelConfig:
         with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
             json.dump(self.to_hf_dict(layout), f, indent=2)
 
-    # --- YAML model configs (configs/model/*.yaml) ---------------------------------------------------------------
+    # --- YAML model configs (mme5_jax/configs/model/*.yaml) ------------------------------------------------------
     @classmethod
     def from_yaml(cls, path_or_name: str) -> "ModelConfig":
-        """Loads `configs/model/NAME.yaml` by name, or any YAML path, in our field names (`vision:`, `text:`)."""
-        path = path_or_name
-        if not os.path.exists(path):
-            path = os.path.join(model_config_dir(), f"{path_or_name}.yaml")
-        if not os.path.exists(path):
-            names = sorted(n[:-5] for n in os.listdir(model_config_dir()) if n.endswith(".yaml"))
-            raise ConfigError(f"model config {path_or_name!r} not found; known: {', '.join(names)}")
+        """Loads a YAML path, or a bundled `model/NAME.yaml` by name, in our field names (`vision:`, `text:`)."""
+        try:
+            path = config_path(path_or_name, "model")
+        except BundledConfigNotFound as err:
+            raise ConfigError(str(err)) from None
         with open(path, encoding="utf-8") as f:
             d = yaml.safe_load(f) or {}
-        return cls.from_dict(d, where=path)
+        return cls.from_dict(d, where=str(path))
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "model") -> "ModelConfig":
@@ -219,10 +219,6 @@ class ModelConfig:
         return cls(vision=_build(VisionConfig, d.get("vision") or {}, f"{where}: vision"),
                    text=_build(TextConfig, d.get("text") or {}, f"{where}: text"),
                    image_token_index=d.get("image_token_index", cls.image_token_index)).validate()
-
-
-def model_config_dir() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "model")
 
 
 _HF_ONLY_KEYS = {"model_type", "initializer_range", "use_cache", "dropout", "transformers_version", "architectures",

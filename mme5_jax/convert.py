@@ -2,37 +2,24 @@
 
 Both directions stream: hf-to-jax reads one parameter's tensors with plain file reads, writes it through Orbax
 partial saves and frees it; jax-to-hf restores a few parameters at a time and appends tensors to size-capped
-safetensors shards. Every output is written into a temporary sibling directory and renamed into place at the end,
-so a failed or interrupted run leaves nothing at OUT_DIR.
-
-`export_hf(out_dir, cfg, tensors, ...)` takes any iterator of (HF key, numpy array): the LoRA merge and PEFT export
-reuse it with their own tensors.
+safetensors shards (`mme5_jax.hf.writer`). Every output is written into a temporary sibling directory and renamed
+into place at the end, so a failed or interrupted run leaves nothing at OUT_DIR.
 """
-import json
 import os
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from mme5_jax import checkpoint
+from mme5_jax import base_checkpoint
 from mme5_jax.config import ModelConfig
-from mme5_jax.hf_weights import (LM_HEAD_KEY, SAFETENSORS_DTYPES, HFCheckpoint, UnmappedReader, WeightError,
-                                 check_keys, group_by_param, installed_key, read_param, to_hf, weight_map)
+from mme5_jax.hf.layout import LAYOUTS, source_key_layout
+from mme5_jax.hf.reader import SAFETENSORS_DTYPES, HFCheckpoint, UnmappedReader
+from mme5_jax.hf.weights import LM_HEAD_KEY, WeightError, check_keys, group_by_param, read_param, weight_map
+from mme5_jax.hf.writer import DEFAULT_MAX_SHARD_BYTES, base_hf_tensors, export_hf
+from mme5_jax.model import DTYPES
 
-DEFAULT_MAX_SHARD_BYTES = 5 * 10 ** 9
 FLOAT_SOURCE_DTYPES = ("F64", "F32", "BF16", "F16")
-SAFETENSORS_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-def installed_layout() -> str:
-    """The key layout that `save_pretrained` of the installed transformers writes for Mllama: "4.46".
-
-    4.4x writes it natively; 5.x renames the keys on load (its checkpoint conversion mapping) and reverses that on
-    save, so it writes the same layout (tests/test_convert.py checks this against the installed transformers).
-    Asking transformers at run time would import torch, which takes longer than converting a small model.
-    """
-    return "4.46"
 
 
 # --- hf-to-jax ----------------------------------------------------------------------------------------------------
@@ -48,29 +35,28 @@ def hf_to_jax(hf_dir: str, out_dir: str, dtype: str = "auto", progress: bool = T
     check_keys(table, reader.keys())
     source_dtypes = _check_source(reader, table, cfg)
     dtype = ("bfloat16" if source_dtypes == {"BF16"} else "float32") if dtype == "auto" else dtype
-    np_dtype = checkpoint.as_dtype(dtype)
+    np_dtype = base_checkpoint.as_dtype(dtype)
     groups = group_by_param(table)
     place = _multihost_placer(cfg, dtype)
     total = sum(int(np.prod(reader.shape(k))) for k in reader.keys()) * np_dtype.itemsize
-    with checkpoint.AtomicDir(out_dir) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-jax",
-                                                    disable=not progress) as bar:
-        writer = checkpoint.WeightsWriter(tmp, flush_bytes)
+    with base_checkpoint.AtomicDir(out_dir) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-jax",
+                                                         disable=not progress) as bar:
+        writer = base_checkpoint.WeightsWriter(tmp, flush_bytes)
         for path, items in groups.items():
             array = read_param(reader, items, np_dtype)
             bar.update(array.nbytes)
-            writer.add("params", checkpoint.param_key(path), place(path, array))
+            writer.add("params", base_checkpoint.param_key(path), place(path, array))
             del array
         if LM_HEAD_KEY in reader.keys():
             array = reader.get(LM_HEAD_KEY).astype(np_dtype)
             bar.update(array.nbytes)
             writer.add("extras", LM_HEAD_KEY, array)
         entries = writer.close()
-        raw_keys = [raw for _, raw in reader.ckpt.where.values()]
         source = dict(kind="huggingface", path=os.path.abspath(hf_dir), dtypes=sorted(source_dtypes),
-                      key_layout="4.46" if any(k.startswith("language_model.model.") for k in raw_keys) else "5")
-        checkpoint.write_metadata(tmp, cfg, dtype, source, entries)
+                      key_layout=source_key_layout(raw for _, raw in reader.ckpt.where.values()))
+        base_checkpoint.write_metadata(tmp, cfg, dtype, source, entries)
         if jax.process_index() == 0:
-            checkpoint.copy_side_files(hf_dir, tmp)
+            base_checkpoint.copy_side_files(hf_dir, tmp)
     return out_dir
 
 
@@ -97,132 +83,29 @@ def _multihost_placer(cfg: ModelConfig, dtype: str):
         return lambda path, array: array
     from mme5_jax.sharding import make_mesh
 
-    abstract = checkpoint.abstract_params(cfg, dtype, make_mesh(data=1, fsdp=jax.device_count()))
+    abstract = base_checkpoint.abstract_params(cfg, dtype, make_mesh(data=1, fsdp=jax.device_count()))
     return lambda path, array: jax.make_array_from_callback(array.shape, abstract[path].sharding,
                                                             lambda index: array[index])
 
 
 # --- jax-to-hf ----------------------------------------------------------------------------------------------------
-def base_hf_tensors(ckpt_dir: str, cfg: ModelConfig, layout: str = "installed"):
-    """(HF key in `layout`, numpy array) for every tensor of a base checkpoint, a few parameters at a time."""
-    layout = installed_layout() if layout == "installed" else layout
-    groups = {checkpoint.param_key(path): items for path, items in group_by_param(weight_map(cfg)).items()}
-    for key, array in checkpoint.iter_stored(ckpt_dir, list(groups)):
-        for hf_key, target in groups[key]:
-            slab = array if target.index is None else array[target.index]
-            yield installed_key(hf_key, layout), np.ascontiguousarray(to_hf(target, slab))
-    extras = list(checkpoint.read_metadata(ckpt_dir)["extras"])
-    for hf_key, array in checkpoint.iter_stored(ckpt_dir, extras, group="extras"):
-        yield installed_key(hf_key, layout), array
-
-
 def jax_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
               layout: str = "installed", progress: bool = True) -> str:
     """Writes our base checkpoint as an HF directory that `MllamaForConditionalGeneration` loads."""
-    meta = checkpoint.read_metadata(ckpt_dir)
+    meta = base_checkpoint.read_metadata(ckpt_dir)
     cfg = ModelConfig.from_hf_dict(meta["config"])
-    total = sum(int(np.prod(e["shape"])) * checkpoint.as_dtype(e["dtype"]).itemsize
+    total = sum(int(np.prod(e["shape"])) * base_checkpoint.as_dtype(e["dtype"]).itemsize
                 for group in ("params", "extras") for e in meta[group].values())
     return export_hf(out_dir, cfg, base_hf_tensors(ckpt_dir, cfg, layout), dtype=meta["dtype"],
                      extra_files_from=ckpt_dir, max_shard_bytes=max_shard_bytes, layout=layout,
                      progress_bytes=total if progress else None)
 
 
-def export_hf(out_dir: str, cfg: ModelConfig, tensors, *, dtype: str, extra_files_from: str | None = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, layout: str = "installed",
-              progress_bytes: int | None = None) -> str:
-    """An HF model directory from (HF key, numpy array) pairs: shards + index, config, generation config and the
-    tokenizer / processor files of `extra_files_from`. Atomic, like every converter output.
-
-    `layout` is the config.json layout ("installed", "5" or "4.46"); the keys are written as given.
-    """
-    with checkpoint.AtomicDir(out_dir) as tmp, tqdm(total=progress_bytes or 0, unit="B", unit_scale=True,
-                                                    desc="jax-to-hf", disable=progress_bytes is None) as bar:
-        shards = SafetensorsShards(tmp, max_shard_bytes)
-        for key, array in tensors:
-            shards.add(key, array)
-            bar.update(array.nbytes)
-        shards.close()
-        config = cfg.to_hf_dict(checkpoint.installed_config_layout() if layout == "installed" else layout)
-        config["torch_dtype" if "rope_scaling" in config["text_config"] else "dtype"] = dtype
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-        copied = checkpoint.copy_side_files(extra_files_from, tmp) if extra_files_from else []
-        if "generation_config.json" not in copied:
-            t = cfg.text
-            eos = list(t.eos_token_id) if isinstance(t.eos_token_id, tuple) else t.eos_token_id
-            with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
-                json.dump(dict(bos_token_id=t.bos_token_id, eos_token_id=eos, pad_token_id=t.pad_token_id), f,
-                          indent=2)
-    return out_dir
-
-
-class SafetensorsShards:
-    """Appends tensors to `model-XXXXX-of-YYYYY.safetensors` shards of at most `max_shard_bytes` each.
-
-    A shard's header must precede its data and list every tensor, so data goes to a scratch file first and is
-    copied behind the header when the shard closes; shards are renamed once their total count is known. A tensor
-    larger than the limit gets a shard of its own, as in transformers.
-    """
-
-    def __init__(self, out_dir: str, max_shard_bytes: int):
-        self.out_dir = out_dir
-        self.max_shard_bytes = max_shard_bytes
-        self.weight_map, self.total_bytes, self.shard_files = {}, 0, []
-        self._header, self._data, self._offset = {}, None, 0
-
-    def add(self, key: str, array: np.ndarray):
-        if key in self.weight_map or key in self._header:
-            raise WeightError(f"tensor {key!r} written twice")
-        dtype = np.dtype(array.dtype)
-        if dtype not in SAFETENSORS_NAMES:
-            raise WeightError(f"tensor {key!r} has dtype {dtype.name}, which safetensors cannot store")
-        if self._header and self._offset + array.nbytes > self.max_shard_bytes:
-            self._close_shard()
-        if self._data is None:
-            self._data = open(os.path.join(self.out_dir, ".shard.data"), "w+b")
-        self._data.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
-        self._header[key] = dict(dtype=SAFETENSORS_NAMES[dtype], shape=list(array.shape),
-                                 data_offsets=[self._offset, self._offset + array.nbytes])
-        self._offset += array.nbytes
-
-    def _close_shard(self):
-        name = f".shard-{len(self.shard_files) + 1:05d}.safetensors"
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)
-        with open(os.path.join(self.out_dir, name), "wb") as out:
-            out.write(len(header).to_bytes(8, "little"))
-            out.write(header)
-            out.flush()
-            self._data.flush()
-            copied = 0
-            while copied < self._offset:  # in-kernel copy: the data never passes through Python
-                copied += os.sendfile(out.fileno(), self._data.fileno(), copied, self._offset - copied)
-        self._data.close()
-        os.remove(self._data.name)
-        self.shard_files.append((name, list(self._header)))
-        self.total_bytes += self._offset
-        self._header, self._data, self._offset = {}, None, 0
-
-    def close(self):
-        if self._header:
-            self._close_shard()
-        if not self.shard_files:
-            raise WeightError("no tensors to write")
-        count = len(self.shard_files)
-        for i, (scratch, keys) in enumerate(self.shard_files, 1):
-            final = f"model-{i:05d}-of-{count:05d}.safetensors"
-            os.rename(os.path.join(self.out_dir, scratch), os.path.join(self.out_dir, final))
-            self.weight_map.update({k: final for k in keys})
-        with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}, f, indent=2)
-
-
 # --- inspect ------------------------------------------------------------------------------------------------------
 def tensor_listing(path: str) -> tuple[str, dict]:
     """(format description, {key: (shape, dtype name)}) of an HF directory or one of our checkpoints."""
-    if checkpoint.is_checkpoint(path):
-        meta = checkpoint.read_metadata(path)
+    if base_checkpoint.is_checkpoint(path):
+        meta = base_checkpoint.read_metadata(path)
         listing = {f"{group}/{k}": (tuple(e["shape"]), e["dtype"])
                    for group in ("params", "extras") for k, e in meta[group].items()}
         return f"mme5 checkpoint ({meta['dtype']}, from {meta['source'].get('path')})", listing
@@ -286,7 +169,7 @@ def add_arguments(parser):
                                    "complete.")
     p.add_argument("hf_dir", metavar="HF_DIR")
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="stored weight dtype (default auto: bf16 sources stay bf16, others become float32)")
     p = sub.add_parser("jax-to-hf", help="our base checkpoint -> Hugging Face Mllama directory",
                        description="Writes safetensors shards + index, config.json, generation_config.json and the "
@@ -295,7 +178,7 @@ def add_arguments(parser):
     p.add_argument("ckpt_dir", metavar="CKPT_DIR")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--max-shard-size", default="5GB", type=_byte_size, help="largest shard (default 5GB)")
-    p.add_argument("--layout", default="installed", choices=["installed", "5", "4.46"],
+    p.add_argument("--layout", default="installed", choices=LAYOUTS,
                    help="tensor key and config.json layout (default: what the installed transformers writes: its "
                         "config layout, and the 4.46 keys that 4.4x and 5.x both write)")
     mode = p.add_mutually_exclusive_group()
@@ -325,6 +208,6 @@ def run(args):
         print(f"wrote {args.out_dir}")
     else:
         description, listing = tensor_listing(args.path)
-        total = sum(int(np.prod(s)) * checkpoint.np_dtype(d).itemsize for s, d in listing.values())
+        total = sum(int(np.prod(s)) * base_checkpoint.np_dtype(d).itemsize for s, d in listing.values())
         print(format_tree(listing))
         print(f"{args.path}: {description}; {len(listing)} tensors, {total / 1e9:.3f} GB")

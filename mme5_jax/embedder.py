@@ -3,7 +3,12 @@
 Items are grouped by modality and padded into static (batch, length) buckets, so a new batch reuses a compiled
 function instead of recompiling. Text-only groups skip the vision tower and cross-attention layers altogether,
 exactly as Hugging Face does for a batch without images.
+
+With a mesh, every process of a multi-process job encodes the same items: each places its own shards of every
+batch and gets all the embeddings back, so the processes make the same calls in the same order (the trainer's
+held-out evaluation relies on it).
 """
+import functools
 import json
 import os
 
@@ -11,23 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from mme5_jax.base_checkpoint import load_base_params
 from mme5_jax.config import ModelConfig
-from mme5_jax.hf_weights import is_hf_checkpoint, load_hf_params
+from mme5_jax.hf.reader import is_hf_checkpoint, load_hf_params
+from mme5_jax.model import DTYPES
 from mme5_jax.model.mllama import abstract_model, model_from_params, resolve_dtype
-from mme5_jax.processing import BadItemError, MllamaInputProcessor, model_string
+from mme5_jax.processing import (BOS_MODES, BadItemError, MllamaInputProcessor, bucket_for, length_buckets,
+                                 model_string)
 from mme5_jax.sharding import batch_divisor, batch_sharding, state_shardings
 
 IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask", "has_image")
-
-
-def length_buckets(max_length: int, smallest: int = 16) -> list[int]:
-    buckets, b = [], smallest
-    while b < max_length:
-        buckets.append(b)
-        b *= 2
-    return buckets + [max_length]
 
 
 def load_params(path: str, cfg: ModelConfig, dtype, place=None, progress=True, mesh=None) -> dict:
@@ -36,9 +37,7 @@ def load_params(path: str, cfg: ModelConfig, dtype, place=None, progress=True, m
     With `mesh`, a converted checkpoint is restored by Orbax straight onto its shardings (no host copy)."""
     if is_hf_checkpoint(path):
         return load_hf_params(path, cfg, dtype, place=place, progress=progress)
-    from mme5_jax import checkpoint
-
-    return checkpoint.load_base_params(path, cfg, dtype, place=place, mesh=mesh, progress=progress)
+    return load_base_params(path, cfg, dtype, place=place, mesh=mesh, progress=progress)
 
 
 class Embedder:
@@ -50,9 +49,7 @@ class Embedder:
         divisor = batch_divisor(mesh) if mesh is not None else 1
         self.batch_size = -(-batch_size // divisor) * divisor
         self.dim = model.cfg.text.hidden_size
-        graphdef, state = nnx.split(model)
-        self._state = state
-        self._embed = jax.jit(lambda s, batch: nnx.merge(graphdef, s).embed(batch))
+        self._graphdef, self._state = nnx.split(model)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "float32", *, bos: str = "processor", max_length: int = 256,
@@ -66,9 +63,11 @@ class Embedder:
         np_dtype = np.dtype(resolve_dtype(dtype))
         if mesh is not None:
             shardings = dict(nnx.to_flat_state(state_shardings(nnx.state(abstract_model(cfg, dtype)), mesh)))
-            place = lambda p, a: jax.device_put(a, shardings[p])
+            def place(p, a):
+                return jax.device_put(a, shardings[p])
         else:
-            place = lambda p, a: jnp.asarray(a)
+            def place(p, a):
+                return jnp.asarray(a)
         params = load_params(path, cfg, np_dtype, place=place, progress=progress, mesh=mesh)
         model = model_from_params(cfg, params, dtype)
         processor = MllamaInputProcessor.from_pretrained(path, bos=bos, max_length=max_length)
@@ -92,7 +91,7 @@ class Embedder:
                 raise BadItemError(rows[err.index], str(err).split(": ", 1)[1]) from err
             if not has_image:
                 arrays = {k: v for k, v in arrays.items() if k not in IMAGE_KEYS}
-            out[index] = np.asarray(self._embed(self._state, self._put(arrays)))[: len(index)]
+            out[index] = _to_host(_embed(self._graphdef, self._state, self._put(arrays)))[: len(index)]
         return out
 
     def _plan(self, items) -> dict:
@@ -108,13 +107,29 @@ class Embedder:
                                                                 for s, h in zip(strings, has_image)])]
         groups = {}
         for i, (h, n) in enumerate(zip(has_image, lengths)):
-            groups.setdefault((h, next(b for b in self.buckets if b >= n)), []).append(i)
+            groups.setdefault((h, bucket_for(self.buckets, n)), []).append(i)
         return {k: np.array(v) for k, v in sorted(groups.items())}
 
     def _put(self, arrays: dict) -> dict:
         if self.mesh is None:
             return {k: jnp.asarray(v) for k, v in arrays.items()}
-        return {k: jax.device_put(v, batch_sharding(self.mesh, v.ndim)) for k, v in arrays.items()}
+        sharding = batch_sharding(self.mesh)
+        return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+                for k, v in arrays.items()}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(graphdef, state, batch):
+    """Compiled once per graph and input shapes, shared by every `Embedder` of the same model structure (the
+    trainer builds one per evaluation)."""
+    return nnx.merge(graphdef, state).embed(batch)
+
+
+def _to_host(embeddings) -> np.ndarray:
+    """All rows on every process, gathered from the other processes' devices where they are not addressable."""
+    if embeddings.is_fully_addressable:
+        return np.asarray(embeddings)
+    return multihost_utils.process_allgather(embeddings, tiled=True)
 
 
 # --- `mme5 embed` -------------------------------------------------------------------------------------------------
@@ -122,11 +137,12 @@ def add_arguments(parser):
     parser.add_argument("--model", required=True, help="Hugging Face Mllama directory or converted checkpoint")
     parser.add_argument("--input", required=True, help='JSONL, one {"text": ..., "image": path-or-null} per line')
     parser.add_argument("--output", required=True, help="where to write the [N, D] float32 .npy")
-    parser.add_argument("--image-root", default=None, help="base for relative image paths (default: the input's folder)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--image-root", default=None,
+                        help="base for relative image paths (default: the input's folder)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--bos", default="processor", choices=["processor", "single"],
+    parser.add_argument("--bos", default="processor", choices=BOS_MODES,
                         help="BOS layout: follow the installed processor, or the single-BOS transformers-4.45 layout")
 
 

@@ -29,7 +29,9 @@ def load_run_model(run_dir, step=None):
     import jax
     from flax import nnx
 
-    from mme5_jax.train import build_model, load_config, restore_adapters
+    from mme5_jax.train.build import build_model
+    from mme5_jax.train.checkpoints import restore_adapters
+    from mme5_jax.train.config import load_config
 
     config = load_config(str(Path(run_dir) / "config.yaml"))
     cfg, model = build_model(config, base_dir(config, run_dir))
@@ -38,41 +40,24 @@ def load_run_model(run_dir, step=None):
     return config, cfg, model, step
 
 
-def base_extras(base, cfg, layout):
-    """HF tensors the embedding model does not hold (the LM head), passed through from the base weights."""
-    from mme5_jax import checkpoint
-    from mme5_jax.hf_weights import LM_HEAD_KEY, HFCheckpoint, installed_key, is_hf_checkpoint
-
-    if is_hf_checkpoint(base):
-        ckpt = HFCheckpoint(base)
-        if LM_HEAD_KEY in ckpt.keys():
-            yield installed_key(LM_HEAD_KEY, layout), np.asarray(ckpt.get(LM_HEAD_KEY))
-        return
-    extras = list(checkpoint.read_metadata(base)["extras"])
-    for key, array in checkpoint.iter_stored(base, extras, group="extras"):
-        yield installed_key(key, layout), array
-
-
 def model_hf_tensors(model, cfg, layout):
     """(HF key, numpy array) for every weight of `model`, in the HF layout `layout`."""
     from flax import nnx
 
-    from mme5_jax.hf_weights import group_by_param, installed_key, to_hf, weight_map
+    from mme5_jax.hf.weights import group_by_param, param_to_hf, weight_map
 
     flat = {path: v for path, v in nnx.to_flat_state(nnx.state(model))}
     for path, items in group_by_param(weight_map(cfg)).items():
-        array = np.asarray(flat[path].get_value())
-        for hf_key, target in items:
-            slab = array if target.index is None else array[target.index]
-            yield installed_key(hf_key, layout), np.ascontiguousarray(to_hf(target, slab))
+        yield from param_to_hf(items, np.asarray(flat[path].get_value()), layout)
 
 
 def export_run(run_dir, out_dir, mode="merge", step=None, max_shard_bytes=None, layout="installed"):
     """Write the run's adapted model to `out_dir` as a merged HF model or a PEFT adapter directory."""
-    from mme5_jax import checkpoint
-    from mme5_jax.convert import DEFAULT_MAX_SHARD_BYTES, export_hf, installed_layout
+    from mme5_jax import base_checkpoint
+    from mme5_jax.hf.layout import key_layout
+    from mme5_jax.hf.writer import DEFAULT_MAX_SHARD_BYTES, base_extras, export_hf
     from mme5_jax.model.lora import MME5_TARGETS, adapter_config_json, merge_adapters, peft_state_dict
-    from mme5_jax.train import adapter_config, processor_dir
+    from mme5_jax.train.config import processor_dir
 
     if mode not in EXPORT_MODES:
         raise ValueError(f"export mode {mode!r} unknown; choose from {EXPORT_MODES}")
@@ -84,24 +69,24 @@ def export_run(run_dir, out_dir, mode="merge", step=None, max_shard_bytes=None, 
     side_files = processor_dir(config)
     if mode == "merge":
         merge_adapters(model)
-        layout = installed_layout() if layout == "installed" else layout
+        layout = key_layout(layout)  # keys and config.json alike: "installed" writes both in the 4.46 layout
 
         def tensors():
             yield from model_hf_tensors(model, cfg, layout)
-            yield from base_extras(base, cfg, layout)
+            yield from base_extras(base, layout)
 
         export_hf(out_dir, cfg, tensors(), dtype=config.model.dtype, extra_files_from=side_files,
                   max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, layout=layout)
         return step
     from safetensors.numpy import save_file
 
-    adapters = adapter_config(config.adapter)
-    custom = tuple(adapters.targets) != MME5_TARGETS
-    with checkpoint.AtomicDir(out_dir) as tmp:
+    adapters = config.adapter
+    custom = adapters.targets != MME5_TARGETS
+    with base_checkpoint.AtomicDir(out_dir) as tmp:
         save_file(peft_state_dict(model, adapters), os.path.join(tmp, "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         meta = adapter_config_json(adapters, os.path.abspath(base), model=model if custom else None)
         with open(os.path.join(tmp, "adapter_config.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
-        checkpoint.copy_side_files(side_files, tmp)
+        base_checkpoint.copy_side_files(side_files, tmp)
     return step

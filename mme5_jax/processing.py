@@ -129,6 +129,19 @@ def _pixel_lookup_table(do_rescale, rescale_factor, do_normalize, mean, std) -> 
     return np.ascontiguousarray(values, dtype=np.float32)
 
 
+def length_buckets(max_length: int, lengths=None, smallest: int = 16) -> tuple[int, ...]:
+    """The padded lengths a batch may take, ascending and ending at `max_length`: `lengths` below it, or powers of
+    two from `smallest`. A few static shapes mean a few compiles, whoever pads (training or inference)."""
+    if lengths is None:
+        lengths = [smallest << i for i in range(max(max_length, 1).bit_length())]
+    return tuple(sorted({b for b in lengths if b < max_length} | {max_length}))
+
+
+def bucket_for(buckets, length: int) -> int:
+    """The smallest of `buckets` that holds `length` tokens."""
+    return next(b for b in buckets if b >= length)
+
+
 def _read_json_object(path: str) -> dict | None:
     """The JSON object in `path`, or None when there is no such file."""
     try:

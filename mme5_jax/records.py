@@ -1,4 +1,4 @@
-"""The project's training-record format: one JSON object per ArrayRecord entry (DESIGN section 3).
+"""The project's training-record format: one JSON object per ArrayRecord entry.
 
 Every producer (importer, demo data, synthesis) writes through `ShardWriter` and every consumer reads
 through `read_records` or `RecordSource`, so a record is validated once, by one set of rules, and a

@@ -1,10 +1,9 @@
-"""Logical-axis sharding: one rules table (configs/sharding.yaml) maps logical names onto the mesh.
+"""Logical-axis sharding: one rules table (mme5_jax/configs/sharding.yaml) maps logical names onto the mesh.
 
 Meshes have the axes ("data", "fsdp", "tensor"). Frozen weights are FSDP-sharded on `embed`, tensor-parallel on
 heads/mlp; batches are split over data x fsdp.
 """
 import math
-import os
 
 import jax
 import numpy as np
@@ -12,9 +11,10 @@ import yaml
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from mme5_jax.configs import bundled_config
+
 MESH_AXES = ("data", "fsdp", "tensor")
-DEFAULT_RULES_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                                  "sharding.yaml")
+DEFAULT_RULES_FILE = str(bundled_config("sharding.yaml"))
 
 
 def load_rules(path: str = DEFAULT_RULES_FILE) -> dict:
@@ -76,14 +76,22 @@ def state_shardings(state, mesh, rules=None):
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh, ndim: int, rules=None) -> NamedSharding:
-    """Leading (batch) dimension split over the `batch` rule's mesh axes; the rest replicated."""
+def batch_rows(mesh, rules=None):
+    """The mesh axes that split a batch's rows: the `batch` rule's axes of size > 1, as one PartitionSpec entry."""
     rules = load_rules() if rules is None else rules
-    axes = tuple(a for a in _as_tuple(rules.get("batch")) if mesh.shape[a] > 1)
-    lead = (axes if len(axes) > 1 else axes[0]) if axes else None
-    return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
+    axes = tuple(a for a in _as_tuple(rules.get("batch")) if mesh.shape.get(a, 1) > 1)
+    return (axes if len(axes) > 1 else axes[0]) if axes else None
+
+
+def batch_sharding(mesh, rules=None, lead: int = 0) -> NamedSharding:
+    """Rows (dimension `lead`) split over the `batch` rule's mesh axes; every other dimension replicated.
+
+    The one place a batch's placement is decided: the pipeline, the train step, the embedder and the benchmarks
+    all use it, so changing the rules table moves every batch alike.
+    """
+    return NamedSharding(mesh, PartitionSpec(*([None] * lead), batch_rows(mesh, rules)))
 
 
 def batch_divisor(mesh, rules=None) -> int:
     rules = load_rules() if rules is None else rules
-    return int(np.prod([mesh.shape[a] for a in _as_tuple(rules.get("batch"))]))
+    return int(np.prod([mesh.shape.get(a, 1) for a in _as_tuple(rules.get("batch"))]))

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mme5_jax.loss import info_nce
 from mme5_jax.model import lora
-from mme5_jax.sharding import batch_divisor, load_rules, state_shardings
+from mme5_jax.sharding import batch_divisor, batch_sharding, load_rules, state_shardings
 
 SCHEDULES = ("mme5", "cosine", "linear", "constant")
 BATCH_KEYS = ("query", "positive", "negatives", "negative_mask")
@@ -65,13 +65,13 @@ def make_optimizer(schedule, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_
 @jax.tree_util.register_dataclass
 @dataclass
 class TrainState:
-    """`step` counts applied updates; a skipped (non-finite) update only increments `nan_skips`."""
+    """`step` counts applied updates; a skipped (non-finite) update only increments `nonfinite_steps`."""
 
     step: jax.Array
     trainable: nnx.State
     opt_state: optax.OptState
     frozen: nnx.State
-    nan_skips: jax.Array
+    nonfinite_steps: jax.Array
 
 
 def _like_params(tree, param_structure, param_shardings, replicated):
@@ -87,17 +87,16 @@ def _like_params(tree, param_structure, param_shardings, replicated):
     return jax.tree.map(lambda _: replicated, tree)
 
 
-def train_state_shardings(graphdef, state: TrainState, mesh, rules=None) -> TrainState:
+def train_state_shardings(state: TrainState, mesh, rules=None) -> TrainState:
     """NamedShardings for a (possibly abstract) TrainState: parameters by their logical axes, Adam moments like
-    their parameters, counters replicated. `graphdef` is unused: the state's metadata carries everything."""
-    del graphdef
+    their parameters, counters replicated."""
     rules = load_rules() if rules is None else rules
     replicated = NamedSharding(mesh, PartitionSpec())
     trainable = state_shardings(state.trainable, mesh, rules)
     param_structure = jax.tree.structure(state.trainable)
     return TrainState(step=replicated, trainable=trainable,
                       opt_state=_like_params(state.opt_state, param_structure, trainable, replicated),
-                      frozen=state_shardings(state.frozen, mesh, rules), nan_skips=replicated)
+                      frozen=state_shardings(state.frozen, mesh, rules), nonfinite_steps=replicated)
 
 
 def init_train_state(model, optimizer, mesh, rules=None):
@@ -111,11 +110,12 @@ def init_train_state(model, optimizer, mesh, rules=None):
         raise ValueError("the model has no adapter parameters: call mme5_jax.model.lora.add_adapters first")
     zero = jnp.zeros((), jnp.int32)
     abstract = jax.eval_shape(lambda t, f: TrainState(zero, t, optimizer.init(t), f, zero), trainable, frozen)
-    shardings = train_state_shardings(graphdef, abstract, mesh, rules)
+    shardings = train_state_shardings(abstract, mesh, rules)
     trainable = jax.device_put(trainable, shardings.trainable)
     frozen = jax.device_put(frozen, shardings.frozen)
     opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(trainable)
-    counter = lambda: jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    def counter():
+        return jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
     return graphdef, TrainState(counter(), trainable, opt_state, frozen, counter())
 
 
@@ -124,14 +124,12 @@ class _Layout:
 
     def __init__(self, mesh, rules):
         self.mesh = mesh
+        self.rules = rules
         self.divisor = batch_divisor(mesh, rules)
-        named = rules.get("batch") or ()
-        axes = tuple(a for a in ((named,) if isinstance(named, str) else named) if mesh.shape[a] > 1)
-        self.rows = axes if len(axes) > 1 else (axes[0] if axes else None)
 
     def sharding(self, lead=0):
         """Rows (dimension `lead`) split over the batch axes."""
-        return NamedSharding(self.mesh, PartitionSpec(*([None] * lead), self.rows))
+        return batch_sharding(self.mesh, self.rules, lead)
 
     def constrain(self, tree, lead=0):
         def one(x):
@@ -203,6 +201,7 @@ def _contrastive(layout, embeddings, negative_mask, temperature, group=None):
     if group is None or not layout.tiles(b, group):
         positive = layout.replicate(embeddings[:, 1])
         return info_nce(query, positive, negatives, negative_mask, temperature, group_size=group)
+
     def split(x):
         return None if x is None else layout.constrain(x.reshape(b // group, group, *x.shape[1:]))
 
@@ -252,7 +251,8 @@ def make_loss_and_grad(graphdef, mesh, *, temperature=0.02, chunk_size=None, con
         if b % chunk_size:
             raise ValueError(f"global batch {b} is not divisible by chunk_size {chunk_size}")
         n_chunks = b // chunk_size
-        to_chunks = lambda x: layout.constrain(_to_chunks(x, n_chunks), lead=1)
+        def to_chunks(x):
+            return layout.constrain(_to_chunks(x, n_chunks), lead=1)
         chunks = jax.tree.map(to_chunks, (groups, rows))
         constant = jax.lax.stop_gradient(trainable)
 
@@ -299,12 +299,13 @@ class TrainStep:
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def keep(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = TrainState(step=state.step + finite.astype(jnp.int32),
                                trainable=keep(trainable, state.trainable),
                                opt_state=keep(opt_state, state.opt_state), frozen=state.frozen,
-                               nan_skips=state.nan_skips + (~finite).astype(jnp.int32))
-        metrics = dict(metrics, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
+                               nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
+        metrics = dict(metrics, grad_norm=grad_norm, nonfinite_steps=new_state.nonfinite_steps)
         lr = optax.tree_utils.tree_get(opt_state, "learning_rate", filtering=lambda _, v: isinstance(v, jax.Array))
         if lr is not None:
             metrics["lr"] = lr
@@ -322,7 +323,7 @@ class TrainStep:
 
     def jitted(self, state):
         if self._jitted is None:
-            shardings = train_state_shardings(self.graphdef, state, self.mesh, self.rules)
+            shardings = train_state_shardings(state, self.mesh, self.rules)
             replicated = NamedSharding(self.mesh, PartitionSpec())
             self._jitted = jax.jit(self._update, in_shardings=(shardings, self.layout.sharding(), replicated),
                                    out_shardings=(shardings, replicated), donate_argnums=0)
@@ -334,13 +335,3 @@ class TrainStep:
     def __call__(self, state, batch, rng):
         return self.jitted(state)(state, self._select(batch), rng)
 
-
-def make_train_step(graphdef, optimizer, mesh, *, temperature=0.02, chunk_size=None, contrastive_group=None,
-                    rules=None) -> TrainStep:
-    return TrainStep(graphdef, optimizer, mesh, temperature=temperature, chunk_size=chunk_size,
-                     contrastive_group=contrastive_group, rules=rules)
-
-
-def embed_fn(graphdef):
-    """Jitted (trainable, frozen, inputs) -> [B, D] embeddings with dropout off, for held-out evaluation."""
-    return jax.jit(lambda trainable, frozen, inputs: nnx.merge(graphdef, trainable, frozen).embed(inputs))

@@ -1,8 +1,9 @@
-"""Shared offline test fixtures: a real Llama-3 / Mllama processor directory, real photos, varied images, texts.
+"""Shared offline test fixtures: a real Llama-3 / Mllama processor directory (its tokenizer cached on disk) and
+varied images.
 
 Everything here is built from files that ship inside installed packages (no hub, no network), so tests can
-compare against `transformers.AutoProcessor` on realistic inputs. The API of this module is imported by other
-test files: keep the names and signatures stable.
+compare against `transformers.AutoProcessor` on realistic inputs. The real photos and multilingual texts are in
+`mme5_jax.testing`, which the benchmarks in tools/ share.
 """
 import functools
 import hashlib
@@ -14,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from mme5_jax.llama3_processor import write_processor_dir, tokenizer_model_file, write_tokenizer_files
+from mme5_jax.testing import real_photos
 
 # Bump when the tokenizer files written by mme5_jax.llama3_processor change, so stale disk caches are not reused.
 _TOKENIZER_BUILD_VERSION = 2
@@ -54,25 +56,6 @@ def _tokenizer_dir() -> str:
 def make_processor_dir(path: str, image_size: int = 448, max_image_tiles: int = 4, resample: int = 2) -> str:
     """`mme5_jax.llama3_processor.write_processor_dir` with the tokenizer files from the test cache."""
     return write_processor_dir(path, image_size, max_image_tiles, resample, tokenizer_files=_tokenizer_dir())
-
-
-@functools.lru_cache(maxsize=1)
-def _real_photo_arrays() -> tuple[tuple[str, np.ndarray], ...]:
-    import skimage.data
-    from sklearn.datasets import load_sample_images
-
-    names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field", "immunohistochemistry",
-             "retina", "logo", "clock", "moon", "page"]
-    photos = [(name, getattr(skimage.data, name)()) for name in names]
-    samples = load_sample_images()
-    for filename, array in zip(samples.filenames, samples.images):
-        photos.append((os.path.splitext(os.path.basename(filename))[0], array))
-    return tuple(photos)
-
-
-def real_photos() -> list[tuple[str, Image.Image]]:
-    """Real photographs shipped inside scikit-image and scikit-learn (load offline), as fresh PIL images."""
-    return [(name, Image.fromarray(array)) for name, array in _real_photo_arrays()]
 
 
 def varied_images() -> list[tuple[str, Image.Image]]:
@@ -139,31 +122,3 @@ def _to_i16(image: Image.Image) -> Image.Image:
     """A 16-bit grey image whose values span 0..65535, the way scanners and medical images store them."""
     values = np.asarray(image.convert("L"), dtype=np.uint16) * 257
     return Image.fromarray(values)
-
-
-def multilingual_texts() -> list[str]:
-    """Short and long texts in many scripts, plus one text that tokenises to more than 256 tokens."""
-    long_text = " ".join(
-        f"Sentence {i}: the quick brown fox jumps over the lazy dog near the river bank at dawn." for i in range(40)
-    )
-    return [
-        "A cat and a dog.",
-        "Represent the given image with the following question: What is in the image\n",
-        "Find me an everyday image that matches the given caption: A cat and a dog.\n",
-        "一只猫和一只狗在草地上玩耍。",
-        "東京タワーの夜景はとても美しいです。",
-        "고양이와 개가 함께 잠을 잔다.",
-        "قطة وكلب يلعبان في الحديقة.",
-        "Кошка и собака играют в саду.",
-        "बिल्ली और कुत्ता बगीचे में खेल रहे हैं।",
-        "Η γάτα και ο σκύλος παίζουν στον κήπο.",
-        "חתול וכלב משחקים בגינה.",
-        "แมวกับสุนัขเล่นกันในสวน",
-        "Un chat et un chien jouent ensemble 🐱🐶🎉 — très drôle !",
-        "Ein Hund läuft über die Straße; Größe: 1,85 m.",
-        "emoji only 👩‍👩‍👧‍👦🏳️‍🌈✨",
-        "   leading and trailing spaces   ",
-        "tabs\tand\nnew\nlines\r\n",
-        "",
-        long_text,
-    ]

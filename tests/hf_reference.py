@@ -1,54 +1,7 @@
-"""Tiny random Hugging Face Mllama models and reference forwards, shared by the parity, converter and eval tests."""
+"""Hugging Face torch reference computations (forwards, embeddings, errors), shared by the parity, converter and
+eval tests."""
 import numpy as np
 import torch
-from transformers import MllamaConfig, MllamaForConditionalGeneration
-
-# HF's own test config (tests/models/mllama/test_modeling_mllama.py).
-HF_TEST_CONFIG = dict(
-    vision_config=dict(image_size=30, patch_size=2, num_channels=3, hidden_size=16, intermediate_layers_indices=[0],
-                       vision_output_dim=32, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
-                       intermediate_size=37, max_num_tiles=4),
-    text_config=dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                     intermediate_size=37, hidden_act="gelu", max_position_embeddings=512,
-                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, pad_token_id=0, bos_token_id=1,
-                     eos_token_id=2, cross_attention_layers=[1]),
-    image_token_index=98,
-)
-# Intermediate layers [0, 2] and cross-attention at [0, 3].
-EDGE_LAYERS_CONFIG = dict(
-    vision_config=dict(image_size=28, patch_size=14, hidden_size=32, intermediate_layers_indices=[0, 2],
-                       vision_output_dim=96, num_hidden_layers=4, num_global_layers=2, attention_heads=4,
-                       intermediate_size=64, max_num_tiles=4),
-    text_config=dict(vocab_size=300, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                     intermediate_size=64, cross_attention_layers=[0, 3], pad_token_id=0, bos_token_id=1,
-                     eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-    image_token_index=299,
-)
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
-# Grouped-query attention (8 heads, 2 KV heads) and llama3 RoPE scaling, in the 11B's 4-self + 1-cross pattern.
-GQA_LLAMA3_CONFIG = dict(
-    vision_config=dict(image_size=28, patch_size=14, hidden_size=32, intermediate_layers_indices=[1, 3],
-                       vision_output_dim=96, num_hidden_layers=4, num_global_layers=2, attention_heads=4,
-                       intermediate_size=64, max_num_tiles=4),
-    text_config=dict(vocab_size=300, hidden_size=64, num_hidden_layers=10, num_attention_heads=8,
-                     num_key_value_heads=2, intermediate_size=96, cross_attention_layers=[3, 8], pad_token_id=0,
-                     bos_token_id=1, eos_token_id=2, rope_parameters=LLAMA3_ROPE),
-    image_token_index=299,
-)
-
-
-def tiny_hf_model(config: dict, seed: int = 0) -> MllamaForConditionalGeneration:
-    """A random HF model with every gate non-zero, so gated paths are exercised (HF initialises some to 0)."""
-    torch.manual_seed(seed)
-    cfg = MllamaConfig(**config)
-    cfg._attn_implementation = "eager"
-    model = MllamaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "gate" in name and p.numel() == 1:
-                p.copy_(torch.empty(1).uniform_(0.3, 1.2))
-    return model
 
 
 def random_batch(hf_cfg, lengths, image_rows, grids, seed=0):

@@ -47,11 +47,14 @@ def test_blocked_attention_matches_dense(monkeypatch, kind, budget):
     mask, bias = masks(b, q_len, q_len, rng)[kind]
     if budget is not None:
         monkeypatch.setitem(layers.SCORE_BLOCK_BYTES, jax.default_backend(), budget)
-    ours = lambda q, k, v: attention(q, k, v, mask)
-    ref = lambda q, k, v: dense_reference(q, k, v, jnp.asarray(bias, jnp.float32))
+    def ours(q, k, v):
+        return attention(q, k, v, mask)
+    def ref(q, k, v):
+        return dense_reference(q, k, v, jnp.asarray(bias, jnp.float32))
     np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-6)
     weights = jnp.asarray(rng.standard_normal((b, q_len, heads * head_dim)), jnp.float32)
-    loss = lambda fn: (lambda *a: jnp.sum(fn(*a) * weights))
+    def loss(fn):
+        return (lambda *a: jnp.sum(fn(*a) * weights))
     grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
     for got, want in zip(grads, jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -65,10 +68,13 @@ def test_fused_attention_matches_dense(kind):
     q = jnp.asarray(rng.standard_normal((b, q_len, heads, head_dim)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((b, q_len, kv_heads, head_dim)), jnp.float32) for _ in range(2))
     mask, bias = masks(b, q_len, q_len, rng)[kind]
-    fused = lambda q, k, v: fused_attention(q, k, v, mask, "xla")
-    ref = lambda q, k, v: dense_reference(q, k, v, jnp.asarray(bias, jnp.float32))
+    def fused(q, k, v):
+        return fused_attention(q, k, v, mask, "xla")
+    def ref(q, k, v):
+        return dense_reference(q, k, v, jnp.asarray(bias, jnp.float32))
     np.testing.assert_allclose(jax.jit(fused)(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-6)
-    loss = lambda fn: (lambda *a: jnp.sum(jnp.sin(fn(*a))))
+    def loss(fn):
+        return (lambda *a: jnp.sum(jnp.sin(fn(*a))))
     for got, want in zip(jax.grad(loss(fused), argnums=(0, 1, 2))(q, k, v),
                          jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -98,7 +104,8 @@ def test_cudnn_attention_matches_float32_on_gpu(kind):
     as_f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     out, ref = (jax.jit(lambda *a: attention(*a, mask))(*xs) for xs in ((q, k, v), as_f32))
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=2e-2 * float(jnp.abs(ref).max()))
-    loss = lambda *a: jnp.sum(jnp.sin(attention(*a, mask).astype(jnp.float32)))
+    def loss(*a):
+        return jnp.sum(jnp.sin(attention(*a, mask).astype(jnp.float32)))
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     for got, want in zip(grad(q, k, v), grad(*as_f32)):
         np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2 * float(jnp.abs(want).max()))

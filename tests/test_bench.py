@@ -56,7 +56,8 @@ def test_forward_flops_within_10_percent_of_xla(call):
     cfg = model_config({"model": SMALL_MODEL})
     graphdef, state = nnx.split(nnx.eval_shape(lambda: MllamaModel(cfg, rngs=nnx.Rngs(0))))
     v = cfg.vision
-    spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype)
+    def spec(shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(shape, dtype)
     batch = {"input_ids": spec((call.batch, call.seq_len)), "attention_mask": spec((call.batch, call.seq_len))}
     if call.tiles:
         batch.update(pixel_values=spec((call.batch, 1, call.tiles, 3, v.image_size, v.image_size), jnp.float32),
@@ -127,11 +128,15 @@ def test_mme5_bench_writes_well_formed_json(config_path, tmp_path, capsys):
 
 
 def _tool(name):
-    """A script of tools/ as a module."""
+    """A script of tools/ as a module, with tools/ importable as it is when the script runs (its own folder first)."""
     import importlib.util
     import pathlib
+    import sys
 
-    path = pathlib.Path(__file__).parents[1] / "tools" / f"{name}.py"
+    tools = pathlib.Path(__file__).parents[1] / "tools"
+    if str(tools) not in sys.path:
+        sys.path.append(str(tools))
+    path = tools / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -7,7 +7,8 @@ from flax import nnx
 from transformers import MllamaConfig, MllamaForConditionalGeneration
 
 from mme5_jax.config import ConfigError, ModelConfig
-from mme5_jax.hf_weights import LM_HEAD_KEY, canonical_key, weight_map
+from mme5_jax.hf.layout import canonical_key
+from mme5_jax.hf.weights import LM_HEAD_KEY, weight_map
 from mme5_jax.model.mllama import abstract_model
 
 

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from mme5_jax import checkpoint
+from mme5_jax import base_checkpoint
 from mme5_jax.config import ModelConfig
 from mme5_jax.convert import hf_to_jax, jax_to_hf
-from mme5_jax.hf_weights import HFCheckpoint, WeightError, canonical_key, installed_key, load_hf_params
+from mme5_jax.hf.layout import canonical_key, installed_key
+from mme5_jax.hf.reader import HFCheckpoint, load_hf_params
+from mme5_jax.hf.weights import WeightError
 
 # torch and the HF reference helpers are imported inside the tests: this file also runs as the worker of the
 # two-process test, and torch loaded beside JAX's gloo collectives makes them hang.
@@ -35,15 +37,11 @@ def assert_bit_exact(expected: dict, actual: dict):
 @pytest.fixture(scope="module")
 def real_dirs(tmp_path_factory):
     """Tiny model with the real tokenizer: HF dir, our checkpoint, and HF again (forced into several shards)."""
-    from assets import make_processor_dir
-    from hf_reference import tiny_hf_model
-    from test_embedder import REAL_TOKENIZER_CONFIG, TILE
+    from tiny_models import save_tiny_hf_dir
 
     root = tmp_path_factory.mktemp("convert")
     hf_dir, ours, back = str(root / "hf"), str(root / "ours"), str(root / "back")
-    hf = tiny_hf_model(REAL_TOKENIZER_CONFIG)
-    hf.save_pretrained(hf_dir)
-    make_processor_dir(hf_dir, image_size=TILE, max_image_tiles=4)
+    hf = save_tiny_hf_dir(hf_dir, processor=True)
     hf_to_jax(hf_dir, ours, progress=False)
     jax_to_hf(ours, back, max_shard_bytes=4 << 20, progress=False)
     return hf_dir, ours, back, hf
@@ -51,10 +49,10 @@ def real_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_hf_dir(tmp_path_factory):
-    from hf_reference import HF_TEST_CONFIG, tiny_hf_model
+    from tiny_models import HF_TEST_CONFIG, save_tiny_hf_dir
 
     path = str(tmp_path_factory.mktemp("small_hf"))
-    tiny_hf_model(HF_TEST_CONFIG).save_pretrained(path)
+    save_tiny_hf_dir(path, HF_TEST_CONFIG)
     return path
 
 
@@ -77,7 +75,7 @@ def test_fp32_round_trip_is_bit_exact_with_shards_and_index(real_dirs):
                  "generation_config.json"):
         assert filecmp.cmp(os.path.join(hf_dir, name), os.path.join(ours, name), shallow=False), name
         assert filecmp.cmp(os.path.join(hf_dir, name), os.path.join(back, name), shallow=False), name
-    meta = checkpoint.read_metadata(ours)
+    meta = base_checkpoint.read_metadata(ours)
     assert meta["dtype"] == "float32"
     assert meta["extras"]["lm_head.weight"]["shape"] == [128256, 32]
 
@@ -85,9 +83,9 @@ def test_fp32_round_trip_is_bit_exact_with_shards_and_index(real_dirs):
 def test_checkpoint_loads_from_a_relative_path(real_dirs, monkeypatch):
     _, ours, _, _ = real_dirs
     cfg = ModelConfig.from_pretrained(ours)
-    expected = checkpoint.load_base_params(ours, cfg, "float32")
+    expected = base_checkpoint.load_base_params(ours, cfg, "float32")
     monkeypatch.chdir(os.path.dirname(ours))
-    relative = checkpoint.load_base_params(os.path.basename(ours), cfg, "float32")
+    relative = base_checkpoint.load_base_params(os.path.basename(ours), cfg, "float32")
     assert sorted(relative) == sorted(expected)
     assert all(np.array_equal(relative[k], expected[k]) for k in expected)
 
@@ -109,7 +107,7 @@ def test_bf16_round_trip_in_both_key_layouts_is_bit_exact(small_hf_dir, tmp_path
     save_torch(bf16, str(src / "model.safetensors"), metadata={"format": "pt"})
     cfg.save_pretrained(str(src), layout=layout)
     hf_to_jax(str(src), str(tmp_path / "ours"), progress=False)
-    meta = checkpoint.read_metadata(str(tmp_path / "ours"))
+    meta = base_checkpoint.read_metadata(str(tmp_path / "ours"))
     assert meta["dtype"] == "bfloat16" and meta["source"]["key_layout"] == layout
     jax_to_hf(str(tmp_path / "ours"), str(tmp_path / "same_layout"), layout=layout, progress=False)
     jax_to_hf(str(tmp_path / "ours"), str(tmp_path / "installed"), progress=False)
@@ -125,15 +123,14 @@ def test_bf16_round_trip_in_both_key_layouts_is_bit_exact(small_hf_dir, tmp_path
 def test_embeddings_identical_through_both_converters(real_dirs):
     from transformers import AutoProcessor, MllamaForConditionalGeneration
 
-    from assets import real_photos
     from hf_reference import hf_embed_items
     from mme5_jax import Embedder
+    from mme5_jax.testing import real_photos
 
     hf_dir, ours, back, hf = real_dirs
     items = [{"text": "Represent the given image.\n", "image": real_photos()[0][1]}]  # every weight takes part
     reference = Embedder.from_pretrained(hf_dir, batch_size=2)
     converted = Embedder.from_pretrained(ours, batch_size=2)
-    converted._embed = reference._embed  # same graph and shapes: share one compilation (the suite's cost)
     assert np.array_equal(reference.encode(items), converted.encode(items))
 
     reloaded, info = MllamaForConditionalGeneration.from_pretrained(back, attn_implementation="eager",
@@ -159,7 +156,7 @@ def test_sharded_restore_follows_logical_axes(real_dirs, hf_params, fsdp, tensor
     ours = real_dirs[1]
     cfg = ModelConfig.from_pretrained(ours)
     mesh = make_mesh(data=1, fsdp=fsdp, tensor=tensor)
-    restored = checkpoint.load_base_params(ours, cfg, "float32", mesh=mesh)
+    restored = base_checkpoint.load_base_params(ours, cfg, "float32", mesh=mesh)
     reference = hf_params
     variables = dict(nnx.to_flat_state(nnx.state(abstract_model(cfg))))
     rules = {**load_rules(), None: None}
@@ -177,12 +174,11 @@ def test_sharded_restore_follows_logical_axes(real_dirs, hf_params, fsdp, tensor
 
 def test_host_memory_stays_below_half_the_checkpoint(tmp_path):
     """Streaming: the traced peak is bounded by one stacked parameter plus the flush buffer, not by the model."""
-    from hf_reference import HF_TEST_CONFIG, tiny_hf_model
+    from tiny_models import HF_TEST_CONFIG, save_tiny_hf_dir, tiny_hf_config
 
-    config = dict(HF_TEST_CONFIG, text_config=dict(HF_TEST_CONFIG["text_config"], hidden_size=64,
-                                                   intermediate_size=192, num_hidden_layers=20,
-                                                   cross_attention_layers=[4, 9, 14, 19]))
-    tiny_hf_model(config).save_pretrained(str(tmp_path / "hf"), max_shard_size="1MB")
+    config = tiny_hf_config(HF_TEST_CONFIG, text=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=20,
+                                                      cross_attention_layers=[4, 9, 14, 19]))
+    save_tiny_hf_dir(str(tmp_path / "hf"), config, max_shard_size="1MB")
     size = sum(os.path.getsize(tmp_path / "hf" / n) for n in os.listdir(tmp_path / "hf") if n.endswith(".safetensors"))
     tracemalloc.start()
     try:
@@ -279,7 +275,7 @@ def test_interrupted_conversion_leaves_nothing(small_hf_dir, tmp_path, monkeypat
     with pytest.raises(WeightError, match="parameters.*language_model.norm.weight|does not match"):
         cfg = ModelConfig.from_pretrained(small_hf_dir)
         bad = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, hidden_size=64))
-        checkpoint.load_base_params(str(tmp_path / "out" / "ckpt"), bad, "float32")
+        base_checkpoint.load_base_params(str(tmp_path / "out" / "ckpt"), bad, "float32")
 
 
 def test_cli_convert_and_inspect_both_formats(small_hf_dir, tmp_path, capsys):
@@ -304,7 +300,7 @@ def test_cli_convert_and_inspect_both_formats(small_hf_dir, tmp_path, capsys):
     assert "down_proj.weight  [32, 37]  bfloat16" in text
 
 
-# --- two processes (DESIGN section 6: gloo on one machine stands in for a pod) ------------------------------------
+# --- two processes (gloo on one machine stands in for a pod) ----------------------------------------------------
 def _process_main(rank, port, hf_dir, out_dir, result_path):
     """One of two processes: convert together, then restore onto a (fsdp 2, tensor 4) mesh spanning both."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -314,8 +310,8 @@ def _process_main(rank, port, hf_dir, out_dir, result_path):
     hf_to_jax(hf_dir, out_dir, progress=False, flush_bytes=20000)
     cfg = ModelConfig.from_pretrained(out_dir)
     reference = load_hf_params(hf_dir, cfg, np.float32, progress=False)
-    restored = checkpoint.load_base_params(out_dir, cfg, "float32", mesh=make_mesh(data=1, fsdp=2, tensor=4))
-    wrong = [checkpoint.param_key(path) for path, array in restored.items()
+    restored = base_checkpoint.load_base_params(out_dir, cfg, "float32", mesh=make_mesh(data=1, fsdp=2, tensor=4))
+    wrong = [base_checkpoint.param_key(path) for path, array in restored.items()
              if not all(np.array_equal(np.asarray(s.data), reference[path][s.index]) for s in array.addressable_shards)]
     with open(result_path, "w") as f:
         json.dump({"process_index": jax.process_index(), "devices": jax.device_count(), "params": len(restored),
@@ -351,8 +347,8 @@ def test_two_processes_write_their_own_shards_and_restore_onto_a_shared_mesh(sma
     outputs = [json.loads(path.read_text()) for path in results]
     assert [o["process_index"] for o in outputs] == [0, 1] and {o["devices"] for o in outputs} == {8}
     assert all(o["params"] > 50 and o["wrong"] == [] for o in outputs), outputs
-    writers = {name[len("ocdbt.process_")] for name in os.listdir(os.path.join(ours, checkpoint.WEIGHTS_DIR,
-                                                                               checkpoint.PYTREE_DIR))
+    writers = {name[len("ocdbt.process_")] for name in os.listdir(os.path.join(ours, base_checkpoint.WEIGHTS_DIR,
+                                                                               base_checkpoint.PYTREE_DIR))
                if name.startswith("ocdbt.process_")}
     assert writers == {"0", "1"}  # each process wrote the shards it owns
     assert sorted(os.listdir(tmp_path)) == ["ours", "process0.json", "process1.json"]

@@ -1,14 +1,14 @@
 """The shipped supervised recipe makes one pass: every record of every set once, none replayed."""
 import logging
-from pathlib import Path
 
 import pytest
 
-from mme5_jax.data.pipeline import open_mixture
+from mme5_jax.configs import bundled_config
+from mme5_jax.data.mixture import open_mixture
 from mme5_jax.records import ShardWriter
 from mme5_jax.train import load_config, plan_steps, train_record_sets
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = bundled_config()
 # Rows per set at 1/1000 of the real sizes: 560K synthetic rows and MMEB-train's subsets capped at 50K (about half
 # of them are smaller). The four extra sets' sizes are rounded estimates; only the proportions matter here.
 SIZES = {

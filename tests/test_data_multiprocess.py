@@ -1,8 +1,8 @@
 """A real 2-process JAX run on CPU (gloo): each process reads a disjoint share, together exactly the epoch.
 
-The test starts two copies of this file as subprocesses (DESIGN section 6); each one joins a 2-process,
-8-device mesh, builds its per-process pipeline, turns every host batch into a global `jax.Array` batch and
-writes what it saw to JSON.
+The test starts two copies of this file as subprocesses (gloo collectives on one machine stand in for a pod);
+each one joins a 2-process, 8-device mesh, builds its per-process pipeline, turns every host batch into a global
+`jax.Array` batch and writes what it saw to JSON.
 """
 import json
 import os
@@ -55,7 +55,8 @@ def test_two_processes_see_disjoint_shares_of_the_epoch(tmp_path):
     processor_dir = make_processor_dir(str(tmp_path / "processor"), image_size=28, max_image_tiles=4)
     record_dir = write_scene_split(tmp_path / "train", "train", 96, image_size=32, seed=1, records_per_shard=40)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                          os.environ.get("PYTHONPATH", "")])}
     port = _free_port()
     outputs = [tmp_path / f"process{rank}.json" for rank in range(2)]
     procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(port), processor_dir, str(record_dir),

@@ -9,7 +9,8 @@ from PIL import Image
 
 from assets import make_processor_dir
 from mme5_jax.data.demo import build_demo_dataset
-from mme5_jax.data.pipeline import (BadExampleError, PipelineConfig, RecordSet, make_dataset, problem_report,
+from mme5_jax.data.mixture import RecordSet
+from mme5_jax.data.pipeline import (BadExampleError, PipelineConfig, make_dataset, problem_report,
                                     to_global_batch)
 from mme5_jax.processing import MllamaInputProcessor
 from mme5_jax.records import encode_record, read_records

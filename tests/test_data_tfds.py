@@ -16,7 +16,8 @@ from assets import make_processor_dir  # noqa: E402
 from train_fixtures import train_losses, write_config  # noqa: E402
 from mme5_jax.cli import main  # noqa: E402
 from mme5_jax.data.demo import write_scene_split  # noqa: E402
-from mme5_jax.data.pipeline import PipelineConfig, RecordSet, make_dataset  # noqa: E402
+from mme5_jax.data.mixture import RecordSet  # noqa: E402
+from mme5_jax.data.pipeline import PipelineConfig, make_dataset  # noqa: E402
 from mme5_jax.data.tfds_source import TfdsImagePool, TfdsRecords, TfdsRecordSet  # noqa: E402
 from mme5_jax.records import RecordSource, decode_record, read_records, shard_paths  # noqa: E402
 from mme5_jax.train import load_config, train, train_record_sets  # noqa: E402

@@ -9,32 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from assets import make_processor_dir, multilingual_texts, varied_images
-from hf_reference import hf_embed_items, tiny_hf_model
+from assets import varied_images
+from hf_reference import hf_embed_items
 from mme5_jax import Embedder
 from mme5_jax.processing import BadItemError
-
-TILE = 28
-REAL_TOKENIZER_CONFIG = dict(
-    vision_config=dict(image_size=TILE, patch_size=14, hidden_size=32, intermediate_layers_indices=[0, 2],
-                       vision_output_dim=96, num_hidden_layers=3, num_global_layers=1, attention_heads=4,
-                       intermediate_size=64, max_num_tiles=4),
-    text_config=dict(vocab_size=128256, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, intermediate_size=64, cross_attention_layers=[1, 3],
-                     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                      "original_max_position_embeddings": 64}),
-    image_token_index=128256,
-)
+from mme5_jax.testing import multilingual_texts
+from tiny_models import save_tiny_hf_dir
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny_mllama"))
-    hf = tiny_hf_model(REAL_TOKENIZER_CONFIG)
-    hf.save_pretrained(path)
-    make_processor_dir(path, image_size=TILE, max_image_tiles=4)
-    return path, hf
+    return path, save_tiny_hf_dir(path, processor=True)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +83,7 @@ def test_bad_items_name_their_index(embedder, tmp_path):
 
 
 def test_weight_shape_mismatch_names_tensor_and_shapes(model_dir, tmp_path):
-    from mme5_jax.hf_weights import WeightError
+    from mme5_jax.hf.weights import WeightError
 
     path, _ = model_dir
     bad = tmp_path / "bad"
@@ -169,7 +155,8 @@ def test_transformers_446_key_layout_loads_identically(model_dir, tmp_path):
     from safetensors.numpy import load_file, save_file
 
     from mme5_jax.config import ModelConfig
-    from mme5_jax.hf_weights import canonical_key, installed_key, load_hf_params
+    from mme5_jax.hf.layout import canonical_key, installed_key
+    from mme5_jax.hf.reader import load_hf_params
 
     path, _ = model_dir
     tensors = load_file(os.path.join(path, "model.safetensors"))

@@ -11,17 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from assets import make_processor_dir, multilingual_texts, real_photos
-from hf_reference import hf_embed_items, tiny_hf_model
-from test_embedder import REAL_TOKENIZER_CONFIG, TILE
+from hf_reference import hf_embed_items
+from tiny_models import save_tiny_hf_dir, tiny_hf_config
 
 from mme5_jax.eval.harness import evaluate_mmeb
+from mme5_jax.testing import multilingual_texts, real_photos
 
 # Wider random weights than HF's default (0.02) spread the tiny model's embeddings, so that no positive is within
 # fp32 noise of a distinct candidate and our scores can be compared exactly with the HF reference.
-EVAL_CONFIG = {**REAL_TOKENIZER_CONFIG,
-               "vision_config": {**REAL_TOKENIZER_CONFIG["vision_config"], "initializer_range": 0.1},
-               "text_config": {**REAL_TOKENIZER_CONFIG["text_config"], "initializer_range": 0.1}}
+EVAL_CONFIG = tiny_hf_config(vision=dict(initializer_range=0.1), text=dict(initializer_range=0.1))
 IMAGE_PROMPT = "<|image_1|>\nRepresent the given image.\n"
 SCHEMA = pa.schema([("qry_text", pa.string()), ("qry_img_path", pa.string()),
                     ("tgt_text", pa.list_(pa.string())), ("tgt_img_path", pa.list_(pa.string()))])
@@ -35,10 +33,14 @@ def row(query_text, query_image, candidates):
 def mmeb_rows(names):
     """{subset: [row]}: good rows only; each candidate list has its positive first."""
     n, texts = len(names), multilingual_texts()[:15]
-    image = lambda i: f"photos/{names[i % n]}.png"
-    crop = lambda i, k: f"crops/{names[i % n]}_{k}.png"
-    label = lambda i: names[i % n].replace("_", " ")
-    caption = lambda i: f"A photo of {label(i)}. {texts[i % len(texts)]}"
+    def image(i):
+        return f"photos/{names[i % n]}.png"
+    def crop(i, k):
+        return f"crops/{names[i % n]}_{k}.png"
+    def label(i):
+        return names[i % n].replace("_", " ")
+    def caption(i):
+        return f"A photo of {label(i)}. {texts[i % len(texts)]}"
     sets = {
         "ImageNet-1K": [row("<|image_1|>\nRepresent the given image for classification\n", image(i),
                             [(label(i + k), None) for k in range(5)]) for i in range(4)],
@@ -100,9 +102,7 @@ def write_subsets(root, sets, bad=None):
 def fixture(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     model = str(root / "model")
-    hf = tiny_hf_model(EVAL_CONFIG)
-    hf.save_pretrained(model)
-    make_processor_dir(model, image_size=TILE, max_image_tiles=4)
+    hf = save_tiny_hf_dir(model, EVAL_CONFIG, processor=True)
     images = root / "images"
     os.makedirs(images / "photos")
     os.makedirs(images / "crops")

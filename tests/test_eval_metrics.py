@@ -103,7 +103,8 @@ def write_parquet(path, rows):
 @pytest.fixture
 def bad_input_dir(tmp_path):
     Image.new("RGB", (8, 8), (10, 200, 30)).save(tmp_path / "ok.png")
-    good = lambda q: {"qry_text": q, "qry_img_path": "ok.png", "tgt_text": ["cat", "dog"], "tgt_img_path": ["", ""]}
+    def good(q):
+        return {"qry_text": q, "qry_img_path": "ok.png", "tgt_text": ["cat", "dog"], "tgt_img_path": ["", ""]}
     rows = [good("a"), good("b"),
             {"qry_text": "c", "qry_img_path": "gone.png", "tgt_text": ["cat"], "tgt_img_path": [""]},
             {"qry_text": "d", "qry_img_path": "", "tgt_text": ["cat"], "tgt_img_path": ["ok.png", "gone.png"]},
@@ -251,8 +252,8 @@ def test_cli_names_bad_datasets_before_touching_the_model(tmp_path, capsys):
 
     os.makedirs(tmp_path / "data" / "CIRR")
     os.makedirs(tmp_path / "model")
-    common = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--output", str(tmp_path / "r.json"),
-              "--cache-dir", str(tmp_path / "cache")]
+    common = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"),
+              "--output", str(tmp_path / "r.json"), "--cache-dir", str(tmp_path / "cache")]
     assert main(["eval", "mmeb", *common, "--datasets", "CIRR", "ImageNet-2K"]) == 2
     assert "unknown MMEB datasets ['ImageNet-2K']" in capsys.readouterr().err
     assert main(["eval", "mmeb", *common, "--datasets", "VisDial"]) == 2

@@ -10,11 +10,11 @@ from flax import nnx
 from peft import PeftModel
 from safetensors.numpy import save_file
 
-from hf_reference import EDGE_LAYERS_CONFIG, hf_forward, random_batch, tiny_hf_model
+from hf_reference import hf_forward, random_batch
 from mme5_jax.config import ModelConfig
-from mme5_jax.hf_weights import load_hf_params
 from mme5_jax.model import lora
 from mme5_jax.model.mllama import MllamaModel, model_from_params
+from tiny_models import EDGE_LAYERS_CONFIG, load_tiny_params, save_tiny_hf_dir, tiny_hf_model
 
 
 def cosine(a, b):
@@ -29,12 +29,11 @@ def embed(model, batch):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    hf = tiny_hf_model(EDGE_LAYERS_CONFIG)
     path = str(tmp_path_factory.mktemp("edge"))
-    hf.save_pretrained(path)
-    cfg = ModelConfig.from_pretrained(path)
+    hf = save_tiny_hf_dir(path, EDGE_LAYERS_CONFIG)
+    cfg, params = load_tiny_params(path)
     batch = random_batch(hf.config, [7, 5, 8, 4, 6, 8], image_rows={0, 2, 3}, grids=[(1, 1), (2, 2), (1, 3)])
-    return dict(path=path, cfg=cfg, params=load_hf_params(path, cfg, np.float32, progress=False), batch=batch)
+    return dict(path=path, cfg=cfg, params=params, batch=batch)
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])

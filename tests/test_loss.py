@@ -118,7 +118,8 @@ def test_sharded_groups_gather_no_more_than_the_whole_batch(rows):
     mask = rng.random((rows, 3)) > 0.3
 
     def grad_fn(g):
-        loss = lambda e: _contrastive(layout, e, mask, 0.02, g)
+        def loss(e):
+            return _contrastive(layout, e, mask, 0.02, g)
         return jax.jit(jax.value_and_grad(loss, has_aux=True), in_shardings=layout.sharding())
 
     def per_group(e, m):

@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hf_reference import (EDGE_LAYERS_CONFIG, GQA_LLAMA3_CONFIG, HF_TEST_CONFIG, hf_forward, random_batch, rel_err,
-                          tiny_hf_model)
-from mme5_jax.config import ModelConfig
-from mme5_jax.hf_weights import load_hf_params
+from hf_reference import hf_forward, random_batch, rel_err
 from mme5_jax.model.mllama import model_from_params, pool_last_token
+from tiny_models import EDGE_LAYERS_CONFIG, GQA_LLAMA3_CONFIG, HF_TEST_CONFIG, load_tiny_params, save_tiny_hf_dir
 
 TOL = 1e-5
 ALL_GRIDS = [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)]
@@ -35,12 +33,11 @@ def note(name, value):
 @pytest.fixture(scope="module", params=["hf_test", "edge_layers", "gqa_llama3"])
 def pair(request, tmp_path_factory):
     config = {"hf_test": HF_TEST_CONFIG, "edge_layers": EDGE_LAYERS_CONFIG, "gqa_llama3": GQA_LLAMA3_CONFIG}
-    hf = tiny_hf_model(config[request.param])
     path = str(tmp_path_factory.mktemp(request.param))
-    hf.save_pretrained(path)
-    cfg = ModelConfig.from_pretrained(path)
-    ours = Compiled(model_from_params(cfg, load_hf_params(path, cfg, np.float32, progress=False)))
-    bf16 = Compiled(model_from_params(cfg, load_hf_params(path, cfg, jnp.bfloat16, progress=False), "bfloat16"))
+    hf = save_tiny_hf_dir(path, config[request.param])
+    cfg, params = load_tiny_params(path)
+    ours = Compiled(model_from_params(cfg, params))
+    bf16 = Compiled(model_from_params(cfg, load_tiny_params(path, jnp.bfloat16)[1], "bfloat16"))
     return request.param, hf, ours, bf16
 
 
@@ -54,7 +51,8 @@ class Compiled:
 
     def __init__(self, model):
         graphdef, self.state = nnx.split(model)
-        m = lambda s: nnx.merge(graphdef, s)
+        def m(s):
+            return nnx.merge(graphdef, s)
         self._forward = jax.jit(lambda s, a: m(s)(a, collect=True))
         self._embed = jax.jit(lambda s, a: m(s).embed(a))
         self._vision = jax.jit(lambda s, *images: vision_and_projector(m(s), *images))

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from assets import make_processor_dir, multilingual_texts, real_photos, varied_images
+from assets import make_processor_dir, varied_images
 from mme5_jax.processing import (
     BadItemError,
     MllamaInputProcessor,
     model_string,
 )
+from mme5_jax.testing import multilingual_texts, real_photos
 
 IMAGE_ID, BOS_ID, PAD_ID = 128256, 128000, 128004
 ARRAY_KEYS = ("input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",

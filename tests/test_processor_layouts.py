@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from assets import make_processor_dir, real_photos
-from hf_reference import hf_embed_items, tiny_hf_model
-from test_embedder import REAL_TOKENIZER_CONFIG, TILE
+from assets import make_processor_dir
+from hf_reference import hf_embed_items
+from tiny_models import TILE, save_tiny_hf_dir
 
 from mme5_jax.processing import (DEFAULT_MAX_IMAGE_PIXELS, MllamaInputProcessor, has_image_processor_config,
                                  load_image_processor_config)
+from mme5_jax.testing import real_photos
 
 LAYOUTS = ("5.x", "4.46")
 # transformers 4.46 passes every key of processor_config.json except these to `MllamaProcessor(image_processor,
@@ -40,9 +41,8 @@ def dirs(tmp_path_factory):
     from transformers import AutoProcessor
 
     root = tmp_path_factory.mktemp("layouts")
-    hf = tiny_hf_model(REAL_TOKENIZER_CONFIG)
     new = str(root / "saved_5x")
-    hf.save_pretrained(new)
+    hf = save_tiny_hf_dir(new)
     AutoProcessor.from_pretrained(make_processor_dir(str(root / "processor"), image_size=TILE)).save_pretrained(new)
     old = str(root / "saved_446")
     shutil.copytree(new, old)
@@ -79,7 +79,7 @@ def test_the_section_wins_over_a_stale_preprocessor_config_as_in_transformers(di
     """A 5.x save into an older directory leaves its preprocessor_config.json behind; 5.x ignores it."""
     from transformers import AutoImageProcessor
 
-    from mme5_jax.checkpoint import copy_side_files
+    from mme5_jax.base_checkpoint import copy_side_files
 
     both, copy = tmp_path / "both", tmp_path / "copy"
     shutil.copytree(dirs["5.x"], both)
@@ -140,7 +140,7 @@ def test_only_the_training_pipeline_applies_the_one_pixel_fix(dirs, embedders):
 
 def test_convert_round_trip_from_both_layouts(dirs, tmp_path):
     """hf-to-jax then jax-to-hf: the same weights and processor inputs, written in the layout both versions load."""
-    from mme5_jax import checkpoint
+    from mme5_jax import base_checkpoint
     from mme5_jax.cli import main
     from mme5_jax.config import ModelConfig
 
@@ -152,7 +152,7 @@ def test_convert_round_trip_from_both_layouts(dirs, tmp_path):
         for path in (ours, back):
             assert_loads_in_446_and_5x(path)
             assert load_image_processor_config(path) == load_image_processor_config(dirs[layout])
-        params[layout] = checkpoint.load_base_params(ours, ModelConfig.from_pretrained(ours), "float32")
+        params[layout] = base_checkpoint.load_base_params(ours, ModelConfig.from_pretrained(ours), "float32")
         inputs[layout] = [MllamaInputProcessor.from_pretrained(path)(items()) for path in (dirs[layout], ours, back)]
     assert sorted(params["5.x"]) == sorted(params["4.46"])
     for key, value in params["5.x"].items():

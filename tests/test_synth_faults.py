@@ -1,4 +1,4 @@
-"""A 1000-sample online run through 20% injected faults of every kind (acceptance: Faults)."""
+"""A 1000-sample online run through 20% injected faults of every kind ."""
 import asyncio
 import json
 from pathlib import Path

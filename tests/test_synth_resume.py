@@ -1,4 +1,4 @@
-"""SIGKILL at random points, then the same command again (acceptance: Kill and resume)."""
+"""SIGKILL at random points, then the same command again: the records equal an uninterrupted run's."""
 import json
 import os
 import random

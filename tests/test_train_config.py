@@ -1,8 +1,11 @@
 """`mme5 train` config: YAML + dotted overrides, validated with errors that name the key."""
+import shutil
+
 import numpy as np
 import pytest
 
-from mme5_jax.train import TrainConfigError, load_config, random_base_model, recall_at_1
+from mme5_jax.configs import bundled_config
+from mme5_jax.train import TrainConfigError, load_config, random_base_model
 
 BASE = """
 output_dir: runs/x
@@ -30,8 +33,20 @@ def test_defaults_and_overrides(config_file):
 
 def test_the_shipped_configs_load():
     for name in ("demo", "mme5_zero_shot", "mme5_supervised"):
-        config = load_config(f"configs/{name}.yaml")
+        config = load_config(str(bundled_config(f"{name}.yaml")))
         assert (config.train.steps or 0) > 0 or config.train.epochs == 1
+
+
+def test_bare_names_and_includes_resolve_to_bundled_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config("demo", ["include=mesh/v5p-64.yaml"])
+    assert config.output_dir == "runs/demo" and (config.mesh.data, config.mesh.fsdp) == (8, 4)
+    (tmp_path / "demo.yaml").write_text(BASE)
+    assert load_config("demo.yaml").output_dir == "runs/x"   # a file in the cwd comes first
+    shutil.copy(bundled_config("mme5_supervised.yaml"), tmp_path / "mine.yaml")
+    assert load_config("mine.yaml").adapter.alpha == 64     # its include: [mme5_zero_shot.yaml] is the bundled one
+    with pytest.raises(TrainConfigError, match=r"include: .*mesh/zzz.yaml.*bundled in mesh/: 8xh100, v5p-64"):
+        load_config("demo", ["include=mesh/zzz.yaml"])
 
 
 @pytest.mark.parametrize("override, message", [
@@ -82,13 +97,26 @@ def test_bad_file_contents_are_named(tmp_path):
         load_config(str(tmp_path / "absent.yaml"))
 
 
-def test_recall_counts_identical_candidates_once():
-    q = np.eye(3, dtype=np.float32)
-    p = np.eye(3, dtype=np.float32)[[0, 1, 1]]   # rows 1 and 2 have the same positive
-    keys = np.array([10, 20, 20])
-    result = recall_at_1(q, p, keys)
-    assert result["num_candidates"] == 2
-    assert result["recall@1"] == pytest.approx(2 / 3)   # query 2 (a direction no candidate has) misses
+def test_heldout_recall_pools_identical_candidates_and_gives_ties_to_the_positive(tmp_path):
+    """The trainer scores held-out records as `mme5 eval` does: identical candidates are one item, and only a
+    candidate scoring strictly higher than the positive makes a miss."""
+    from mme5_jax.records import ShardWriter
+    from mme5_jax.train.heldout import heldout_set, score
+
+    pairs = [("q0", "p0"), ("q1", "p1"), ("q2", "p1"), ("q3", "p3"), ("q4", "p4")]  # rows 1 and 2: same positive
+    with ShardWriter(tmp_path / "heldout") as writer:
+        for i, (query, positive) in enumerate(pairs):
+            writer.write({"id": f"r{i}", "source": "test", "task": "retrieval", "modality": "T->T", "language": "en",
+                          "qry_text": query, "qry_image": None, "pos_text": positive, "pos_image": None,
+                          "neg_text": ["n"], "neg_image": [None]})
+    eval_set = heldout_set(str(tmp_path / "heldout"), max_examples=4)
+    # q2 points where no candidate does (a tie at 0 between all of them); q3 points at p0, not at its own p3.
+    vectors = {"q0": 0, "p0": 0, "q1": 1, "p1": 1, "q2": 2, "q3": 0, "p3": 3}
+
+    def encode(items):
+        return np.eye(4, dtype=np.float32)[[vectors[item["text"]] for item in items]]
+
+    assert score(encode, eval_set) == {"recall@1": 0.75, "num_queries": 4, "num_candidates": 3}
 
 
 @pytest.mark.parametrize("init", ["hf", "lecun"])

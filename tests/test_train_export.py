@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import yaml
 
-from assets import multilingual_texts, real_photos
 from hf_reference import hf_embed_items
 from train_fixtures import make_inputs, write_config
 
 from mme5_jax.cli import main as mme5
+from mme5_jax.testing import multilingual_texts, real_photos
 
 
 

@@ -10,9 +10,9 @@ import pytest
 
 from train_fixtures import make_inputs, subprocess_env, train_command, train_losses, write_config
 
-pytestmark = pytest.mark.slow  # about 3 minutes of 2-process training; run with `pytest -m slow`
-
 from mme5_jax.train import load_config, train
+
+pytestmark = pytest.mark.slow  # about 3 minutes of 2-process training; run with `pytest -m slow`
 
 
 STEPS = 10

@@ -56,7 +56,8 @@ def test_killed_runs_resume_bit_identically(inputs):
         log = open(log_path, "w")
         proc = subprocess.Popen(train_command(chain), env=env, stdout=log, stderr=subprocess.STDOUT)
         if trial == 1:  # mid-save: the moment Orbax's temporary step directory exists
-            saving = lambda: glob.glob(os.path.join(output_dir, "checkpoints", "*tmp*"))
+            def saving():
+                return glob.glob(os.path.join(output_dir, "checkpoints", "*tmp*"))
             _wait_for(saving, proc, log_path, "a checkpoint save")
         else:
             target = rng.randint(max(_complete_steps(output_dir), default=0) + 1, STEPS - 1)

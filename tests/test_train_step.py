@@ -13,13 +13,13 @@ import torch
 from flax import nnx
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-from hf_reference import GQA_LLAMA3_CONFIG, rel_err, tiny_hf_model
+from hf_reference import rel_err
 from mme5_jax.config import ModelConfig
-from mme5_jax.hf_weights import load_hf_params
 from mme5_jax.model import lora
 from mme5_jax.model.mllama import MllamaModel, model_from_params
 from mme5_jax.sharding import make_mesh
 from mme5_jax import train_step as ts
+from tiny_models import GQA_LLAMA3_CONFIG, load_tiny_params, save_tiny_hf_dir
 
 B, K, TAU = 8, 2, 0.02
 ADAPTERS = lora.AdapterConfig(kind="dora", rank=4, alpha=8.0, dropout=0.0)
@@ -57,11 +57,9 @@ def perturb_adapters(model, seed):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    hf = tiny_hf_model(GQA_LLAMA3_CONFIG)
     path = str(tmp_path_factory.mktemp("gqa"))
-    hf.save_pretrained(path)
-    cfg = ModelConfig.from_pretrained(path)
-    params = load_hf_params(path, cfg, np.float32, progress=False)
+    hf = save_tiny_hf_dir(path, GQA_LLAMA3_CONFIG)
+    cfg, params = load_tiny_params(path)
     model = model_from_params(cfg, params)
     lora.add_adapters(model, ADAPTERS, nnx.Rngs(1))
     perturb_adapters(model, seed=2)
@@ -111,7 +109,7 @@ def sgd_step(setup, mesh, chunk_size=None):
     """One step with SGD(lr=1): the change of the adapters is exactly minus the gradient."""
     graphdef, state = ts.init_train_state(fresh(setup["model"]), optax.sgd(1.0), mesh)
     before = jax.tree.map(np.asarray, state.trainable)
-    step = ts.make_train_step(graphdef, optax.sgd(1.0), mesh, temperature=TAU, chunk_size=chunk_size)
+    step = ts.TrainStep(graphdef, optax.sgd(1.0), mesh, temperature=TAU, chunk_size=chunk_size)
     new_state, metrics = step(state, setup["batch"], jax.random.PRNGKey(0))
     grads = jax.tree.map(lambda old, new: old - np.asarray(new), before, new_state.trainable)
     return graphdef, new_state, metrics, grads
@@ -129,7 +127,7 @@ def test_loss_and_gradients_match_float64_reference(setup, reference, shape):
     ours = peft_keyed(setup, graphdef, state.frozen, grads)
     worst = max(rel_err(ours[k], ref_grads[k]) for k in ref_grads if np.abs(ref_grads[k]).max() > 0)
     assert worst <= 1e-5, worst
-    assert int(metrics["skipped"]) == 0 and int(state.step) == 1
+    assert int(metrics["nonfinite_steps"]) == 0 and int(state.step) == 1
 
 
 # A small text model (2 scanned blocks of self + cross layers) for the many GradCache compiles.
@@ -168,7 +166,8 @@ def test_gradcache_chunks_match_plain_backprop_with_dropout(dropout_setup):
         return float(loss), grads
 
     seeded = jax.jit(ts.make_loss_and_grad(graphdef, mesh, temperature=TAU))
-    loss_for = lambda seed: float(seeded(state.trainable, state.frozen, batch, jax.random.PRNGKey(seed))[0][0])
+    def loss_for(seed):
+        return float(seeded(state.trainable, state.frozen, batch, jax.random.PRNGKey(seed))[0][0])
 
     (plain_loss, _), plain = seeded(state.trainable, state.frozen, batch, jax.random.PRNGKey(0))
     plain_loss = float(plain_loss)
@@ -188,7 +187,7 @@ def test_strided_chunks_need_no_all_to_all(setup):
     mesh = make_mesh(8, 1, 1)
     graphdef, state = ts.init_train_state(fresh(setup["model"]), optax.sgd(1.0), mesh)
     batch, _, _ = make_batch(setup["cfg"].text.vocab_size, 16, K, seed=3)
-    step = ts.make_train_step(graphdef, optax.sgd(1.0), mesh, chunk_size=8)
+    step = ts.TrainStep(graphdef, optax.sgd(1.0), mesh, chunk_size=8)
     hlo = step.lower(state, batch, jax.random.PRNGKey(0)).compile().as_text()
     assert "all-to-all" not in hlo
 
@@ -209,8 +208,8 @@ def group_setup(setup):
 
 
 def step_loss_and_grad(s, **kwargs):
-    """(loss, adapter gradients, compiled HLO) of the loss function `make_train_step` builds with `kwargs`."""
-    step = ts.make_train_step(s["graphdef"], optax.sgd(1.0), s["mesh"], temperature=TAU, **kwargs)
+    """(loss, adapter gradients, compiled HLO) of the loss function `TrainStep` builds with `kwargs`."""
+    step = ts.TrainStep(s["graphdef"], optax.sgd(1.0), s["mesh"], temperature=TAU, **kwargs)
     args = (s["state"].trainable, s["state"].frozen, s["batch"], jax.random.PRNGKey(0))
     compiled = jax.jit(step.loss_and_grad).lower(*args).compile()
     (loss, _), grads = compiled(*args)
@@ -246,15 +245,15 @@ def test_non_finite_update_is_skipped(setup):
     mesh = make_mesh(8, 1, 1)
     optimizer = ts.make_optimizer(ts.make_schedule("mme5", 1e-3, 100))
     graphdef, state = ts.init_train_state(fresh(setup["model"]), optimizer, mesh)
-    step = ts.make_train_step(graphdef, optimizer, mesh, temperature=TAU)
+    step = ts.TrainStep(graphdef, optimizer, mesh, temperature=TAU)
     state, metrics = step(state, setup["batch"], jax.random.PRNGKey(0))
-    assert int(metrics["skipped"]) == 0 and int(state.step) == 1 and float(metrics["lr"]) == 0.0
+    assert int(metrics["nonfinite_steps"]) == 0 and int(state.step) == 1 and float(metrics["lr"]) == 0.0
     leaves, treedef = jax.tree.flatten(state.trainable)
     leaves[0] = jax.device_put(leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan), leaves[0].sharding)
     state = dataclasses.replace(state, trainable=jax.tree.unflatten(treedef, leaves))
     before = jax.tree.map(np.asarray, (state.trainable, state.opt_state))
     state, metrics = step(state, setup["batch"], jax.random.PRNGKey(1))
-    assert int(metrics["skipped"]) == 1 and int(state.nan_skips) == 1 and int(state.step) == 1
+    assert int(metrics["nonfinite_steps"]) == 1 and int(state.nonfinite_steps) == 1 and int(state.step) == 1
     after = jax.tree.map(np.asarray, (state.trainable, state.opt_state))
     for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
         np.testing.assert_array_equal(old, new)

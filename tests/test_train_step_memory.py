@@ -21,8 +21,9 @@ LENGTH, K, CHUNK = 64, 1, 32
 
 
 def abstract_batch(b):
-    text = lambda *lead: {"input_ids": jax.ShapeDtypeStruct((*lead, LENGTH), jnp.int32),
-                          "attention_mask": jax.ShapeDtypeStruct((*lead, LENGTH), jnp.int32)}
+    def text(*lead):
+        return {"input_ids": jax.ShapeDtypeStruct((*lead, LENGTH), jnp.int32),
+                              "attention_mask": jax.ShapeDtypeStruct((*lead, LENGTH), jnp.int32)}
     return {"query": text(b), "positive": text(b), "negatives": text(b, K),
             "negative_mask": jax.ShapeDtypeStruct((b, K), jnp.bool_)}
 
@@ -44,7 +45,7 @@ def temp_bytes():
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
     def measure(chunk_size, b):
-        step = ts.make_train_step(graphdef, optimizer, mesh, chunk_size=chunk_size)
+        step = ts.TrainStep(graphdef, optimizer, mesh, chunk_size=chunk_size)
         compiled = step.lower(state, abstract_batch(b), rng).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 

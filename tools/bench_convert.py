@@ -2,8 +2,8 @@
 
 Each measured step runs in its own child process, which records its resident set right after its imports (the
 baseline) and its high-water mark at the end; the report gives the peak above baseline as a fraction of the
-checkpoint size (acceptance: hf-to-jax <= 0.5x). Throughput is reported beside a plain `safetensors` load + save of
-the same files in the same run, so a busy machine still gives a fair ratio.
+checkpoint size (the target: hf-to-jax within 0.5x of it). Throughput is reported beside a plain `safetensors`
+load + save of the same files in the same run, so a busy machine still gives a fair ratio.
 
     python tools/bench_convert.py --workdir /tmp/bench_convert            # ~2.4 GB float32 checkpoint
     python tools/bench_convert.py --workdir /tmp/bc --layers 5 --hidden 1024   # quick smoke run
@@ -17,8 +17,6 @@ import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def bench_config(hidden: int, layers: int):
@@ -36,8 +34,9 @@ def bench_config(hidden: int, layers: int):
 
 def write_random_checkpoint(path: str, cfg, shard_bytes: int) -> int:
     """Random float32 tensors for every key of the config, streamed into safetensors shards; returns bytes."""
-    from mme5_jax.convert import SafetensorsShards, installed_layout
-    from mme5_jax.hf_weights import LM_HEAD_KEY, installed_key, weight_map
+    from mme5_jax.hf.layout import installed_key
+    from mme5_jax.hf.weights import LM_HEAD_KEY, weight_map
+    from mme5_jax.hf.writer import SafetensorsShards
 
     os.makedirs(path)
     rng = np.random.default_rng(0)
@@ -45,7 +44,7 @@ def write_random_checkpoint(path: str, cfg, shard_bytes: int) -> int:
     shapes[LM_HEAD_KEY] = (cfg.text.vocab_size, cfg.text.hidden_size)
     shards = SafetensorsShards(path, shard_bytes)
     for key, shape in shapes.items():
-        shards.add(installed_key(key, installed_layout()), rng.random(shape, np.float32) - 0.5)
+        shards.add(installed_key(key, "installed"), rng.random(shape, np.float32) - 0.5)
     shards.close()
     cfg.save_pretrained(path)
     return shards.total_bytes
@@ -91,7 +90,7 @@ def run_child(step: str, src: str, dst: str) -> dict:
 
 
 def bit_exact(a_dir: str, b_dir: str) -> bool:
-    from mme5_jax.hf_weights import HFCheckpoint
+    from mme5_jax.hf.reader import HFCheckpoint
 
     a, b = HFCheckpoint(a_dir), HFCheckpoint(b_dir)
     return a.keys() == b.keys() and all(np.array_equal(a.get(k).view(np.uint8), b.get(k).view(np.uint8))

@@ -9,16 +9,14 @@ the static-shape buckets) is reported apart. Also checks that both give the same
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO_ROOT, os.path.join(REPO_ROOT, "tests")]  # the package, and the offline fixtures
-
-from mme5_jax.processing import model_string  # noqa: E402
+from mme5_jax.model import DTYPES
+from mme5_jax.processing import model_string
+from mme5_jax.testing import multilingual_texts, real_photos
 
 PROMPTS = ["<|image_1|>\nRepresent the given image.\n",
            "<|image_1|>\nRepresent the given image for classification\n",
@@ -27,9 +25,9 @@ PROMPTS = ["<|image_1|>\nRepresent the given image.\n",
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="HF Mllama directory (default: the tiny offline test model with the real "
-                                        "Llama-3 tokenizer)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--model", help="HF Mllama directory (default: the tiny random model of the tests, with "
+                                        "the real Llama-3 tokenizer)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     return parser.parse_args()
@@ -37,8 +35,6 @@ def parse_args():
 
 def make_items(image_dir):
     """Image items (real photos saved as files, three MMEB prompts each) and multilingual text items."""
-    from assets import multilingual_texts, real_photos
-
     items = []
     for name, photo in real_photos():
         path = os.path.join(image_dir, f"{name}.png")
@@ -50,13 +46,11 @@ def make_items(image_dir):
 
 
 def tiny_model(directory):
-    from assets import make_processor_dir
-    from hf_reference import tiny_hf_model
-    from test_embedder import REAL_TOKENIZER_CONFIG, TILE
+    from mme5_jax.llama3_processor import write_processor_dir
+    from mme5_jax.testing import REAL_TOKENIZER_CONFIG, TILE, tiny_hf_model
 
     tiny_hf_model(REAL_TOKENIZER_CONFIG).save_pretrained(directory)
-    make_processor_dir(directory, image_size=TILE, max_image_tiles=4)
-    return directory
+    return write_processor_dir(directory, image_size=TILE, max_image_tiles=4)
 
 
 def hf_encoder(path, dtype, batch_size):

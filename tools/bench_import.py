@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 IMG = "<|image_1|>\n"
 # (released modality code, task, query template, target template); `{}` takes the row number.

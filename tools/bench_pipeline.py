@@ -7,7 +7,7 @@ in-process run of the same invocation, so numbers from a busy machine still comp
     python tools/bench_pipeline.py --tile-size 448 --batches 20
     python tools/bench_pipeline.py --processor-dir /path/to/Llama-3.2-11B-Vision --records /path/to/records
 
-Without `--processor-dir` it uses the offline Llama-3 tokenizer fixture from `tests/assets.py`.
+Without `--processor-dir` it writes a processor with the offline Llama-3 tokenizer (`mme5_jax.llama3_processor`).
 """
 import argparse
 import json
@@ -36,7 +36,7 @@ def measure(config, record_dirs, num_batches):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processor-dir", help="checkpoint or HF Mllama dir with tokenizer + preprocessor files")
-    parser.add_argument("--tile-size", type=int, default=448, help="tile size of the fixture processor (448)")
+    parser.add_argument("--tile-size", type=int, default=448, help="tile size of the default processor (448)")
     parser.add_argument("--records", nargs="*", help="record set dirs (default: a fresh demo dataset)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=20, help="timed batches per run (after one warm-up)")
@@ -47,14 +47,12 @@ def main(argv=None):
 
     from mme5_jax.data.demo import build_demo_dataset
     from mme5_jax.data.pipeline import PipelineConfig
+    from mme5_jax.llama3_processor import write_processor_dir
 
     scratch = tempfile.mkdtemp(prefix="bench_pipeline_")
     processor_dir = args.processor_dir
     if processor_dir is None:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-        from assets import make_processor_dir
-
-        processor_dir = make_processor_dir(os.path.join(scratch, "processor"), image_size=args.tile_size)
+        processor_dir = write_processor_dir(os.path.join(scratch, "processor"), image_size=args.tile_size)
     records = args.records
     if not records:
         needed = args.batch_size * (args.batches + 2) * max(1, max(args.workers))

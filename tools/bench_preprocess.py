@@ -10,7 +10,6 @@ and the speed-up ratio, and checks on the way that both give the same pixel valu
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
@@ -18,21 +17,19 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO_ROOT, os.path.join(REPO_ROOT, "tests")]  # the package, and the offline fixtures
-
-from mme5_jax.processing import MllamaInputProcessor, model_string  # noqa: E402
+from mme5_jax.processing import MllamaInputProcessor, model_string
+from mme5_jax.testing import multilingual_texts, real_photos
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="HF Mllama or converted checkpoint directory (default: the offline "
-                                        "Llama-3 test fixture from tests/assets.py)")
+    parser.add_argument("--model", help="HF Mllama or converted checkpoint directory (default: a processor "
+                                        "with the offline Llama-3 tokenizer, from mme5_jax.llama3_processor)")
     parser.add_argument("--images", help="directory of image files (default: the real photos shipped in "
                                          "scikit-image and scikit-learn)")
-    parser.add_argument("--image-size", type=int, default=448, help="tile size of the default fixture")
+    parser.add_argument("--image-size", type=int, default=448, help="tile size of the default processor")
     parser.add_argument("--rounds", type=int, default=5, help="passes over the image set")
     parser.add_argument("--batch-size", type=int, default=8, help="items per batch in the batch measurement")
     parser.add_argument("--core", type=int, default=None, help="CPU core to pin to (default: the first allowed)")
@@ -41,8 +38,6 @@ def parse_args():
 
 def load_images(directory: str | None) -> list[tuple[str, Image.Image]]:
     if directory is None:
-        from assets import real_photos
-
         return real_photos()
     names = sorted(n for n in os.listdir(directory) if n.lower().endswith(IMAGE_SUFFIXES))
     if not names:
@@ -68,9 +63,9 @@ def main():
     core = pin_to_one_core(args.core)
     model = args.model
     if model is None:
-        from assets import make_processor_dir
+        from mme5_jax.llama3_processor import write_processor_dir
 
-        model = make_processor_dir(tempfile.mkdtemp(prefix="bench_preprocess_"), image_size=args.image_size)
+        model = write_processor_dir(tempfile.mkdtemp(prefix="bench_preprocess_"), image_size=args.image_size)
 
     from transformers import MllamaProcessor
 
@@ -109,8 +104,6 @@ def main():
 
 def time_batches(ours, hf_processor, images, args) -> tuple[float, float, int]:
     """Seconds for whole batches through both processors (tokenisation, tiles, masks), same items."""
-    from assets import multilingual_texts
-
     texts = multilingual_texts()
     ours_seconds = hf_seconds = 0.0
     count = 0

@@ -13,9 +13,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mme5_jax.bench.cli import draw_chart, run_point  # noqa: E402
+from mme5_jax.bench.cli import draw_chart, run_point
 
 
 def _ints(text):
@@ -67,7 +65,7 @@ def batch_table(config, batches, chunk):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", default="cpu_scaling", help="configs/bench name or YAML path")
+    parser.add_argument("config", nargs="?", default="cpu_scaling", help="bundled bench config name or YAML path")
     parser.add_argument("--devices", type=_ints, default=[1, 2, 4, 8], help="host device counts")
     parser.add_argument("--per-device", type=int, default=2, help="pairs per device in the device table")
     parser.add_argument("--batches", type=_ints, default=[4, 8, 16, 32], help="global batches of the GradCache sweep")

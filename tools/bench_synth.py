@@ -22,11 +22,10 @@ import httpx2
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from data_synth.client import make_client
+from data_synth.run import Synthesis, resolve_settings
 
-from data_synth.client import make_client  # noqa: E402
-from data_synth.run import Synthesis, resolve_settings  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_images(folder, count, side):

@@ -4,7 +4,7 @@
     python tools/bench_vs_torch.py gpu_11b --torch-only --device cuda --gradient-checkpointing   (GPU script)
     python tools/bench_vs_torch.py --table ours.json torch.json                                 (its table)
 
-Both sides run the same recipe on the same synthetic inputs and sizes (default `configs/bench/cpu_small.yaml`):
+Both sides run the same recipe on the same synthetic inputs and sizes (default: the bundled `bench/cpu_small.yaml`):
 queries with one image, text-only targets, LoRA on the language model, InfoNCE over the batch, AdamW with global
 norm clipping. The torch side is the natural HF implementation: the inner `MllamaModel` (no lm_head), queries
 and targets encoded in two calls at their own lengths, SDPA attention, and PEFT's LoRA layers.
@@ -18,8 +18,6 @@ import os
 import statistics
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def peft_targets(config, cfg):
@@ -164,8 +162,10 @@ def torch_only(args, config):
 
 def gpu_table(ours, torch):
     """The GPU script's table from `mme5 bench`'s and `torch_only`'s JSON (either may be None: that side failed)."""
-    gib = lambda b: f"{b / 2**30:.1f}" if b is not None else "-"
-    pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"
+    def gib(b):
+        return f"{b / 2**30:.1f}" if b is not None else "-"
+    def pct(v):
+        return f"{100 * v:.1f}%" if v is not None else "-"
     device = ours["device"]["kind"] if ours else (torch or {}).get("device", "?")
     model = (ours or {}).get("flops_per_step", {}).get("model")
     lines = [f"11B architecture, bf16, {device}; model FLOPs/step "
@@ -234,7 +234,7 @@ def alternate(args, config):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", default="cpu_small", help="configs/bench name or YAML path")
+    parser.add_argument("config", nargs="?", default="cpu_small", help="bundled bench config name or YAML path")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. batch.pairs=4")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")

@@ -16,13 +16,9 @@ machine are noisy: each kernel keeps the best of `--repeats`.
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def split_flops(step_flops):
@@ -133,7 +129,7 @@ def hf_step_seconds(config, cfg, threads, steps):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", default="cpu_small", help="configs/bench name or YAML path")
+    parser.add_argument("config", nargs="?", default="cpu_small", help="bundled bench config name or YAML path")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. batch.pairs=4")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (XLA uses the host cores)")
     parser.add_argument("--steps", type=int, default=5, help="HF + PEFT steps timed (median reported)")
@@ -156,7 +152,8 @@ def main(argv=None):
     bounds = ceilings(split, rates)
     hf = hf_step_seconds(config, cfg, args.threads, args.steps)
 
-    gflop = lambda x: f"{x / 1e9:.1f}"
+    def gflop(x):
+        return f"{x / 1e9:.1f}"
     print(f"step FLOPs (hardware): {gflop(split['dense'])} G dense, {gflop(split['attention'])} G attention")
     for row in dense_rows:
         print(f"  matmul {'x'.join(map(str, row['shape'])):>16}: XLA {gflop(row['xla']):>6}, "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared benchmark for a lent H100/H200 (JAX and torch preinstalled, no network), done in <= 8 minutes.
 #
-# Measures the Llama-3.2-11B-Vision architecture with random bf16 weights (configs/bench/gpu_11b.yaml: DoRA on
+# Measures the Llama-3.2-11B-Vision architecture with random bf16 weights (mme5_jax/configs/bench/gpu_11b.yaml: DoRA on
 # mmE5's targets, full remat, 8 pairs of a 4-tile 448-px query + a text target): our train step (`mme5 bench`),
 # then HF transformers + PEFT at the same batch with gradient checkpointing, each in its own process so the two
 # never share GPU memory. Prints one table and leaves ours.json / torch.json in $OUT (default /tmp/gpu_bench).

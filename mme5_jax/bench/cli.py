@@ -13,7 +13,7 @@ import tempfile
 
 
 def add_arguments(parser):
-    parser.add_argument("config", help="configs/bench name (e.g. cpu_small) or a YAML path")
+    parser.add_argument("config", help="bundled bench config name (e.g. cpu_small) or a YAML path")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. batch.pairs=16 train.chunk_size=4 remat=full")
     parser.add_argument("--output", default="bench.json", help="where to write the results (default bench.json)")

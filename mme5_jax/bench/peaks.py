@@ -1,6 +1,6 @@
 """Peak FLOP/s per chip, the MFU/HFU denominator.
 
-Accelerators use their published dense bf16 peak (DESIGN section 8). A CPU has no meaningful datasheet number for
+Accelerators use their published dense bf16 peak. A CPU has no meaningful datasheet number for
 XLA, so its "peak" is measured: the best rate of a large jitted matmul in the benchmark's dtype. Host "devices"
 created with `--xla_force_host_platform_device_count` share the same cores, so each device of the benchmark's
 mesh gets an equal share.

@@ -7,111 +7,90 @@ tower for it. Timing covers the device step only.
 Reported per chip: examples/s, text tokens/s (real, unpadded tokens), image tiles/s, model TFLOP/s, MFU and HFU
 (mme5_jax.bench.flops against mme5_jax.bench.peaks), step time median/min/max, compile time, peak memory.
 """
-import copy
-import functools
+import dataclasses
 import os
 import statistics
 import time
 
 import numpy as np
-import yaml
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          "configs", "bench")
-
-DEFAULTS = {
-    "model": None,          # a configs/model name, or {vision: ..., text: ..., image_token_index: ...}
-    "dtype": "float32",
-    "remat": "none",
-    "seed": 0,
-    "adapter": {"kind": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": None},
-    "batch": {"pairs": 8, "query_tokens": 64, "query_tiles": 4, "target_tokens": 32, "target_tiles": 0,
-              "negatives": 0},
-    "train": {"lr": 1e-5, "weight_decay": 0.0, "temperature": 0.02, "chunk_size": None},
-    "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "cpu_devices": None},
-    "bench": {"warmup": 2, "steps": 5},
-}
-CHOICES = {"dtype": ("float32", "bfloat16"), "remat": ("none", "full", "dots", "dots_no_batch"),
-           "adapter.kind": ("lora", "dora")}
+from mme5_jax import yaml_config
+from mme5_jax.model import DTYPES, REMAT_POLICIES
+from mme5_jax.model.lora_config import KINDS, AdapterConfig
 
 
-class BenchConfigError(ValueError):
+class BenchConfigError(yaml_config.ConfigError):
     """A bad benchmark config key or value; the message names the dotted key."""
 
 
-def resolve_config_path(name_or_path: str) -> str:
-    if os.path.exists(name_or_path):
-        return name_or_path
-    path = os.path.join(CONFIG_DIR, f"{name_or_path}.yaml")
-    if not os.path.exists(path):
-        known = sorted(n[:-5] for n in os.listdir(CONFIG_DIR) if n.endswith(".yaml"))
-        raise BenchConfigError(f"bench config {name_or_path!r} not found; known: {', '.join(known)}")
-    return path
+@dataclasses.dataclass(frozen=True)
+class BatchSection:
+    """The synthetic global batch: `pairs` (query, positive) pairs, `negatives` hard negatives per pair shaped like
+    the positives; each group at its own token length and image tiles (0: text only)."""
+
+    pairs: int = 8
+    query_tokens: int = 64
+    query_tiles: int = 4
+    target_tokens: int = 32
+    target_tiles: int = 0
+    negatives: int = 0
 
 
-def _merge(base, override, where=""):
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        dotted = f"{where}{key}"
-        if key not in base:
-            raise BenchConfigError(f"{dotted}: unknown key; known: {', '.join(sorted(base))}")
-        if isinstance(base[key], dict) and isinstance(value, dict):
-            out[key] = _merge(base[key], value, dotted + ".")
-        else:
-            out[key] = value
-    return out
+@dataclasses.dataclass(frozen=True)
+class StepSection:
+    """The train step's settings; `chunk_size` is the GradCache chunk in examples (None: plain backprop)."""
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    temperature: float = 0.02
+    chunk_size: int | None = None
 
 
-def _set_dotted(config, dotted, value):
-    node = config
-    *keys, last = dotted.split(".")
-    for key in keys:
-        if not isinstance(node.get(key), dict):
-            raise BenchConfigError(f"{dotted}: {key!r} is not a section")
-        node = node[key]
-    if last not in node and not (keys and keys[0] == "model"):
-        raise BenchConfigError(f"{dotted}: unknown key; known: {', '.join(sorted(node))}")
-    node[last] = value
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    cpu_devices: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingSection:
+    warmup: int = 2
+    steps: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """`model`: a model config name or YAML path, or {vision: ..., text: ..., image_token_index: ...}."""
+
+    model: str | dict
+    dtype: str = "float32"
+    remat: str = "none"
+    seed: int = 0
+    adapter: AdapterConfig = AdapterConfig()
+    batch: BatchSection = BatchSection()
+    train: StepSection = StepSection()
+    mesh: MeshSection = MeshSection()
+    bench: TimingSection = TimingSection()
+
+
+_RULES = yaml_config.Rules(
+    choices={"dtype": DTYPES, "remat": tuple(REMAT_POLICIES), "adapter.kind": KINDS},
+    positive=frozenset({"batch.pairs", "batch.query_tokens", "batch.target_tokens", "bench.steps", "adapter.rank"}),
+    non_negative=frozenset({"batch.query_tiles", "batch.target_tiles", "batch.negatives", "bench.warmup"}))
 
 
 def load_config(name_or_path: str, overrides=()) -> dict:
-    """The YAML config over DEFAULTS, then `key=value` overrides (values parsed as YAML), validated."""
-    path = resolve_config_path(name_or_path)
-    with open(path, encoding="utf-8") as f:
-        config = _merge(DEFAULTS, yaml.safe_load(f) or {})
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise BenchConfigError(f"override {item!r} is not key=value")
-        _set_dotted(config, key.strip(), yaml.safe_load(value))
-    return _validate(config, path)
-
-
-def _validate(config, path):
-    if config["model"] is None:
-        raise BenchConfigError(f"{path}: model: missing (a configs/model name or a vision/text mapping)")
-    for dotted, choices in CHOICES.items():
-        value = _get(config, dotted)
-        if value not in choices:
-            raise BenchConfigError(f"{dotted}: {value!r} is not one of {choices}")
-    for dotted in ("batch.pairs", "batch.query_tokens", "batch.target_tokens", "bench.steps", "adapter.rank"):
-        if not isinstance(_get(config, dotted), int) or _get(config, dotted) < 1:
-            raise BenchConfigError(f"{dotted}: expected a positive integer, got {_get(config, dotted)!r}")
-    for dotted in ("batch.query_tiles", "batch.target_tiles", "batch.negatives", "bench.warmup"):
-        if not isinstance(_get(config, dotted), int) or _get(config, dotted) < 0:
-            raise BenchConfigError(f"{dotted}: expected a non-negative integer, got {_get(config, dotted)!r}")
-    chunk = config["train"]["chunk_size"]
-    if chunk is not None and (not isinstance(chunk, int) or chunk < 1 or config["batch"]["pairs"] % chunk):
-        raise BenchConfigError(f"train.chunk_size: {chunk!r} must be a positive divisor of batch.pairs "
-                               f"({config['batch']['pairs']}) or null")
-    return config
-
-
-def _get(config, dotted):
-    node = config
-    for key in dotted.split("."):
-        node = node[key]
-    return node
+    """The YAML config (a path, or a bundled bench config's name) with `key=value` overrides (values parsed as
+    YAML), validated as a BenchConfig, as a plain dict (what bench.json records)."""
+    config = yaml_config.load(name_or_path, BenchConfig, overrides, rules=_RULES, kind="bench",
+                              error=BenchConfigError)
+    chunk, pairs = config.train.chunk_size, config.batch.pairs
+    if chunk is not None and (chunk < 1 or pairs % chunk):
+        raise BenchConfigError(f"train.chunk_size: {chunk!r} must be a positive divisor of batch.pairs ({pairs}) "
+                               f"or null")
+    return dataclasses.asdict(config)
 
 
 def model_config(config):
@@ -122,11 +101,7 @@ def model_config(config):
 
 
 def adapter_config(config):
-    from mme5_jax.model.lora import AdapterConfig
-
-    spec = dict(config["adapter"])
-    targets = spec.pop("targets")
-    return AdapterConfig(**spec, **({"targets": tuple(targets)} if targets else {}))
+    return AdapterConfig(**config["adapter"])
 
 
 def flops_calls(config, cfg):
@@ -184,16 +159,14 @@ def synthetic_batch(config, cfg, seed=0) -> dict:
 
 
 def select_devices(config):
-    """The devices of the benchmark's mesh; on CPU, asks JAX for `mesh.cpu_devices` host devices if it has not
-    started yet."""
+    """The devices of the benchmark's mesh; on CPU, JAX starts with `mesh.cpu_devices` host devices unless it is up
+    already (e.g. in tests), and then uses what it has."""
     import jax
 
+    from mme5_jax.runtime import start_jax
+
     m = config["mesh"]
-    if m["cpu_devices"]:
-        try:
-            jax.config.update("jax_num_cpu_devices", m["cpu_devices"])
-        except RuntimeError:
-            pass  # the backend is up already (e.g. tests): use what it has
+    start_jax(cpu_devices=m["cpu_devices"])
     devices = jax.devices()
     fixed = m["fsdp"] * m["tensor"]
     wanted = m["data"] * fixed if m["data"] != -1 else (m["cpu_devices"] if devices[0].platform == "cpu" and
@@ -203,32 +176,6 @@ def select_devices(config):
     return devices[:wanted]
 
 
-def random_model(cfg, dtype: str, remat: str, seed: int = 0):
-    """The model from abstract shapes, every parameter drawn directly on device (no host copy, no per-layer
-    stacking): matrices ~ N(0, 0.02), vectors (norm scales, gates, biases) = 1. Numbers irrelevant, speed real."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from mme5_jax.model.mllama import abstract_model
-
-    graphdef, abstract = nnx.split(abstract_model(cfg, dtype, remat))
-    flat = nnx.to_flat_state(abstract)
-
-    @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-    def draw(key, shape, dtype, vector):
-        if vector:
-            return jnp.ones(shape, dtype)
-        return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-    key = jax.random.key(seed)
-    for i, (_, variable) in enumerate(flat):
-        axes = variable.get_metadata("logical_axes", None) or (None,) * len(variable.shape)
-        vector = sum(a != "layers" for a in axes) <= 1
-        variable.set_value(draw(jax.random.fold_in(key, i), tuple(variable.shape), variable.dtype, vector))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
 def build(config):
     """-> (model config, mesh, step, state, global batch) ready to run; nothing compiled yet."""
     import jax
@@ -236,21 +183,22 @@ def build(config):
     from flax import nnx
 
     from mme5_jax.model import lora
+    from mme5_jax.model.init import random_model
     from mme5_jax.sharding import batch_sharding, make_mesh
-    from mme5_jax.train_step import init_train_state, make_optimizer, make_train_step
+    from mme5_jax.train_step import TrainStep, init_train_state, make_optimizer
 
     cfg = model_config(config)
     devices = select_devices(config)
     m = config["mesh"]
     mesh = make_mesh(data=m["data"], fsdp=m["fsdp"], tensor=m["tensor"], devices=devices)
-    model = random_model(cfg, config["dtype"], config["remat"], config["seed"])
+    model = random_model(cfg, dtype=config["dtype"], remat=config["remat"], seed=config["seed"])
     lora.add_adapters(model, adapter_config(config), nnx.Rngs(config["seed"]))
     t = config["train"]
     optimizer = make_optimizer(lambda step: jnp.float32(t["lr"]), weight_decay=t["weight_decay"])
     graphdef, state = init_train_state(model, optimizer, mesh)
     del model
-    step = make_train_step(graphdef, optimizer, mesh, temperature=t["temperature"], chunk_size=t["chunk_size"])
-    batch = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim)),
+    step = TrainStep(graphdef, optimizer, mesh, temperature=t["temperature"], chunk_size=t["chunk_size"])
+    batch = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh)),
                          synthetic_batch(config, cfg, config["seed"]))
     return cfg, mesh, step, state, batch
 

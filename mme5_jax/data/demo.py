@@ -98,7 +98,8 @@ _QUESTION = {
            "shape": "¿Qué figura se ve?", "position": "¿Dónde están las figuras?"},
     "it": {"count": "Quante forme ci sono?", "colour": "Di che colore sono le forme?",
            "shape": "Quale forma si vede?", "position": "Dove sono le forme?"},
-    "zh": {"count": "有几个图形？", "colour": "图形是什么颜色？", "shape": "图中是什么形状？", "position": "图形在哪里？"},
+    "zh": {"count": "有几个图形？", "colour": "图形是什么颜色？", "shape": "图中是什么形状？",
+           "position": "图形在哪里？"},
 }
 _EDIT = {
     "en": {"colour": "Make the shapes {value}.", "shape": "Turn them into {value}.", "position": "Move them {value}.",

@@ -21,7 +21,7 @@ from mme5_jax.records import MODALITIES, TASKS, RecordError, ShardWriter, check_
 COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path")
 OPTIONAL_COLUMNS = ("task", "modality", "language")
 
-# The 24 labelled subsets mmE5 trains on (DESIGN section 2) and their task; grounding counts as retrieval.
+# The 24 labelled subsets mmE5 trains on and their task; grounding counts as retrieval.
 SUBSET_TASKS = {
     **dict.fromkeys(("ImageNet_1K", "N24News", "HatefulMemes", "VOC2007", "SUN397"), "classification"),
     **dict.fromkeys(("OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W", "TAT-DQA", "ArxivQA"),

@@ -1,8 +1,8 @@
 """The Grain input pipeline: record sets in, static-shape (query, positive, k negatives) batches out.
 
-Order of work (DESIGN section 6):
+Order of work:
 
-    record sets -> one shuffled pass over them (`open_mixture`: index-level, so it costs nothing)
+    record sets -> one shuffled pass over them (`mixture.open_mixture`: index-level, so it costs nothing)
     -> repeat(num_epochs) -> [process_index::process_count]
     -> map(decode, load images, Mllama preprocessing)           (in `num_workers` processes)
     -> count and drop rejected examples -> batch into length buckets
@@ -22,82 +22,21 @@ A host batch is a dict of numpy arrays: `query` and `positive` hold the processo
 """
 import dataclasses
 import functools
-import json
 import logging
 import os
 from collections import Counter
-from pathlib import Path
 
 import grain
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mme5_jax.processing import DEFAULT_MAX_IMAGE_PIXELS, BadItemError, MllamaInputProcessor
-from mme5_jax.records import RecordError, RecordSource, check_image_path, decode_record, resolve_image_path
+from mme5_jax.processing import DEFAULT_MAX_IMAGE_PIXELS, BadItemError, MllamaInputProcessor, bucket_for
+from mme5_jax.data.mixture import RecordSet, open_mixture
+from mme5_jax.data.pipeline_config import POLICIES, PipelineConfig
+from mme5_jax.records import RecordError, check_image_path, decode_record, resolve_image_path
 
 log = logging.getLogger(__name__)
 TEXT_KEYS = ("input_ids", "attention_mask", "cross_attention_mask")
-POLICIES = ("skip", "raise")
-
-
-AUTO = "auto"
-
-
-@dataclasses.dataclass(frozen=True)
-class RecordSet:
-    """A record directory, its mixture weight and its image root (default: from summary.json, else the dir).
-
-    A weight of `auto` stands for the set's record count (see `open_mixture`).
-    """
-
-    path: str
-    weight: float | str = 1.0
-    image_root: str | None = None
-
-    def open(self):
-        """Random access to the raw entries (bytes of one JSON record each)."""
-        return RecordSource(self.path)
-
-    def resolved_image_root(self):
-        if self.image_root is not None:
-            return str(self.image_root)
-        summary = Path(self.path) / "summary.json"
-        root = json.loads(summary.read_text(encoding="utf-8")).get("image_root", ".") if summary.is_file() else "."
-        return str(Path(self.path) / root)
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineConfig:
-    """`global_batch_size` counts examples over all processes; each process builds its 1/process_count share.
-
-    `read_threads`/`read_buffer_size` bound the read-ahead in each process (main or worker); a buffered
-    example holds the float32 tiles of its images (up to (2 + k) x max_image_tiles of them).
-
-    `bad_input="skip"` drops an example with an unusable record, text or image and counts it by reason;
-    `"raise"` stops with an error naming the record. A bad *negative* is dropped from its list either way
-    (counted), as long as `drop_bad_negatives`; the list is then padded by repeating its last entry.
-    """
-
-    processor_dir: str
-    global_batch_size: int
-    num_negatives: int = 3
-    max_length: int = 256
-    length_buckets: tuple = (32, 64, 128, 256)
-    bos: str = "processor"
-    seed: int = 0
-    num_epochs: int | None = 1
-    num_workers: int = 0
-    worker_buffer_size: int = 2
-    read_threads: int = 2
-    read_buffer_size: int = 8
-    bad_input: str = "skip"
-    drop_bad_negatives: bool = True
-    max_text_chars: int = 20000
-    max_image_pixels: int | None = None
-
-    def buckets(self):
-        """Sorted bucket lengths, capped by and ending with `max_length`."""
-        return tuple(sorted({b for b in self.length_buckets if b < self.max_length} | {self.max_length}))
 
 
 class BadExampleError(ValueError):
@@ -237,11 +176,8 @@ class CollateBuckets:
         self.pad_token_id = pad_token_id
         self.max_image_tiles = max_image_tiles
 
-    def bucket(self, length):
-        return next(b for b in self.buckets if b >= length)
-
     def __call__(self, examples):
-        length = self.bucket(max(int(ex["items"]["attention_mask"].sum(axis=1).max()) for ex in examples))
+        length = bucket_for(self.buckets, max(int(ex["items"]["attention_mask"].sum(axis=1).max()) for ex in examples))
         k = len(examples[0]["slots"]) - 2
         tile_shape = examples[0]["tiles"].shape[1:]
         pixels = np.zeros((len(examples), 2 + k, 1, self.max_image_tiles, *tile_shape), dtype=np.float32)
@@ -318,65 +254,6 @@ def problem_report(iterator):
     return {"rejected": dict(sorted(counter.rejected.items())), "notes": dict(sorted(counter.notes.items()))}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Tag:
-    """Labels entries with their record set and position; indices past the first epoch wrap around."""
-
-    source_index: int
-    num_records: int
-
-    def __call__(self, index, data):
-        return self.source_index, index % self.num_records, data
-
-
-@dataclasses.dataclass(frozen=True)
-class Mixture:
-    """One pass over the training record sets, interleaved: `dataset` yields (source_index, record_index, entry).
-
-    When every weight is `auto`, the sets are concatenated and shuffled as one, as mmE5 shuffles its concatenated
-    data, so a pass reads each record exactly once. Otherwise Grain mixes them by weight (`auto` standing for the
-    set's record count), and a pass ends when the first set runs out: the others are read only in part.
-    """
-
-    dataset: grain.MapDataset
-    names: tuple
-    sizes: tuple
-    weights: tuple
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def replays(self, num_examples):
-        """[(name, records, expected draws)] of the sets that `num_examples` examples would read more than once."""
-        total = sum(self.weights)
-        draws = [num_examples * w / total for w in self.weights]
-        return [(n, size, d) for n, size, d in zip(self.names, self.sizes, draws) if d > size]
-
-
-def open_mixture(record_sets, seed):
-    """The `Mixture` of `record_sets` (RecordSet or path), each shuffled with its own seed."""
-    if not record_sets:
-        raise ValueError("no record sets given")
-    record_sets = [RecordSet(r) if isinstance(r, (str, os.PathLike)) else r for r in record_sets]
-    sources, sizes = [], []
-    for i, record_set in enumerate(record_sets):
-        if record_set.weight != AUTO and not (isinstance(record_set.weight, (int, float)) and record_set.weight > 0):
-            raise ValueError(f"record set {record_set.path}: weight must be > 0 or {AUTO!r}, got {record_set.weight!r}")
-        source = record_set.open()
-        if not len(source):
-            raise ValueError(f"record set {record_set.path} is empty")
-        sizes.append(len(source))
-        sources.append(grain.MapDataset.source(source).map_with_index(_Tag(i, len(source))))
-    weights = [size if r.weight == AUTO else float(r.weight) for r, size in zip(record_sets, sizes)]
-    if len(sources) == 1:
-        ds = sources[0].shuffle(seed)
-    elif all(r.weight == AUTO for r in record_sets):
-        ds = grain.MapDataset.concatenate(sources).shuffle(seed)
-    else:
-        ds = grain.MapDataset.mix([s.shuffle(seed + i) for i, s in enumerate(sources)], weights)
-    return Mixture(ds, tuple(str(r.path) for r in record_sets), tuple(sizes), tuple(weights))
-
-
 def make_dataset(config, record_sets, process_index=0, process_count=1):
     """The pipeline as a `grain.IterDataset` of host batches for one process (see module docstring)."""
     if config.bad_input not in POLICIES:
@@ -422,8 +299,8 @@ def _use_default_absl_flags():
         flags.FLAGS.mark_as_parsed()
 
 
-def to_global_batch(host_batch, mesh, pad_token_id, batch_axes=("data", "fsdp")):
-    """Host batches of all processes -> one global batch of `jax.Array`s, split over `batch_axes` of `mesh`.
+def to_global_batch(host_batch, mesh, pad_token_id, rules=None):
+    """Host batches of all processes -> one global batch of `jax.Array`s, rows split as the rules table says.
 
     Processes may have picked different length buckets; they agree on the longest first (one tiny
     all-gather), so every process contributes the same shape. Every process must call this equally often:
@@ -432,12 +309,10 @@ def to_global_batch(host_batch, mesh, pad_token_id, batch_axes=("data", "fsdp"))
     """
     import jax
     from jax.experimental import multihost_utils
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    if not axes:
-        raise ValueError(f"none of the batch axes {batch_axes} is an axis of the mesh {mesh.axis_names}")
-    sharding = NamedSharding(mesh, PartitionSpec(axes))
+    from mme5_jax.sharding import batch_sharding
+
+    sharding = batch_sharding(mesh, rules)
     length = host_batch["query"]["input_ids"].shape[-1]
     if jax.process_count() > 1:
         length = int(np.max(multihost_utils.process_allgather(np.int32(length))))

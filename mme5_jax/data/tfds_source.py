@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mme5_jax.data.pipeline import RecordSet
+from mme5_jax.data.mixture import RecordSet
 
 
 def _tfds():

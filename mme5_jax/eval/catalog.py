@@ -1,5 +1,5 @@
 """What the benchmarks are: MMEB's 36 subsets (meta-task, in- or out-of-distribution), XTD's 7 languages, and the
-published numbers a trained model is compared against (DESIGN section 5).
+published numbers a trained model is compared against.
 
 Subset names are the directory names of the Hugging Face dataset repositories, so a local download is read as is.
 """

@@ -15,6 +15,8 @@ from mme5_jax.eval.catalog import MMEB_SUBSETS, XTD_LANGUAGES
 from mme5_jax.eval.harness import evaluate_mmeb, evaluate_xtd, select_subsets
 from mme5_jax.eval.readers import DataError
 from mme5_jax.eval.report import mmeb_markdown, xtd_markdown
+from mme5_jax.model import DTYPES
+from mme5_jax.processing import BOS_MODES
 
 
 def add_arguments(parser):
@@ -24,11 +26,11 @@ def add_arguments(parser):
     common.add_argument("--image-root", default=None, help="base of the rows' relative image paths (default: --data)")
     common.add_argument("--output", required=True, help="results.json to write; the Markdown report goes beside it")
     common.add_argument("--markdown", default=None, help="where to write the Markdown report (default: OUTPUT.md)")
-    common.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+    common.add_argument("--dtype", default="bfloat16", choices=DTYPES,
                         help="compute dtype of the model (default: bfloat16, as mmE5 evaluates)")
     common.add_argument("--batch-size", type=int, default=16, help="items per device step (rounded up to the mesh)")
     common.add_argument("--max-length", type=int, default=256, help="token limit; longer texts are truncated")
-    common.add_argument("--bos", default="processor", choices=["processor", "single"],
+    common.add_argument("--bos", default="processor", choices=BOS_MODES,
                         help="BOS layout: follow the installed processor, or the single-BOS transformers-4.45 layout")
     common.add_argument("--fsdp", type=int, default=1, help="mesh axis that shards the weights (large models)")
     common.add_argument("--tensor", type=int, default=1, help="mesh axis for tensor parallelism")

@@ -1,7 +1,8 @@
 """Evaluation runs: the unique items of all sets are encoded once (through the cache), then each set is scored.
 
-`evaluate_sets(encode, sets)` is the single path behind `mme5 eval` and the in-training hook: the trainer passes
-its in-memory model's `encode(items) -> [N, D]` and gets the same numbers a saved checkpoint would get here.
+`evaluate_sets(encode, sets)` is the single path behind `mme5 eval` and the trainer's held-out evaluation
+(`mme5_jax.train.heldout`): the trainer passes the `encode(items) -> [N, D]` of an `Embedder` over its in-memory
+model and gets the numbers its saved checkpoint gets here.
 """
 import numpy as np
 from tqdm import tqdm
@@ -113,7 +114,7 @@ def select_subsets(data_dir, requested, known, what) -> tuple[list[str], list[st
 
 def evaluate_mmeb(encode, data_dir, *, image_root=None, datasets=None, cache=None, chunk_size=1024,
                   progress=True) -> dict:
-    """MMEB Precision@1 per dataset and its macro averages (DESIGN section 5).
+    """MMEB Precision@1 per dataset and its macro averages.
 
     Without `datasets`, every MMEB subset found under `data_dir` is scored and the absent ones are listed
     under `missing`.

@@ -168,7 +168,7 @@ def present_subsets(data_dir: str, names) -> list[str]:
 
 def set_from_records(name: str, records, image_root: str, *, pool: bool = True,
                      hard_negatives: bool = True) -> EvalSet:
-    """A retrieval set from project records (DESIGN section 3), e.g. a held-out split for in-training evaluation.
+    """A retrieval set from project records (`mme5_jax/records.py`), e.g. a held-out split for in-training evaluation.
 
     Each query's candidates are its positive, its own hard negatives (with `hard_negatives`) and, with `pool`,
     every other record's positive: the in-batch setting of training, over the whole set (pooling makes N^2
@@ -202,7 +202,8 @@ def set_from_items(name: str, queries, candidate_lists) -> EvalSet:
     if len(queries) != len(candidate_lists):
         raise ValueError(f"{name}: {len(queries)} queries but {len(candidate_lists)} candidate lists")
     builder = SetBuilder(name)
-    as_item = lambda d: (d["text"], d.get("image"))
+    def as_item(d):
+        return (d["text"], d.get("image"))
     for query, candidates in zip(queries, candidate_lists):
         builder.add(as_item(query), [as_item(c) for c in candidates])
     return builder.build()

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mme5_jax.model import REMAT_POLICIES
+
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 # Hugging Face ACT2FN names; "gelu" is the exact (erf) GELU.
 ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "silu": jax.nn.silu,
@@ -78,7 +80,7 @@ class LayerNorm(nnx.Module):
 
 
 # Largest float32 score block [rows, heads, queries, keys] attention materialises at once: on CPU small enough to
-# stay in cache (the vision tower of configs/bench/cpu_small.yaml runs 2x faster than with one 143 MB block), on
+# stay in cache (the vision tower of bench/cpu_small.yaml runs 2x faster than with one 143 MB block), on
 # accelerators large enough to keep them busy while bounding memory (the 11B vision tower's full score matrix is
 # 2.6 GB per image). On GPU, bf16/fp16 attention goes to cuDNN's flash attention instead (`fused_attention`).
 SCORE_BLOCK_BYTES = {"cpu": 4 << 20}
@@ -151,7 +153,8 @@ def attention(q, k, v, mask):
     else:
         rows = max(d for d in range(1, b + 1) if b % d == 0 and (d * q_len * query_bytes <= budget or d == 1))
         q_block = -(-q_len // -(-rows * q_len * query_bytes // budget))
-        blocks = lambda x: x.reshape(b // rows, rows, *x.shape[1:])
+        def blocks(x):
+            return x.reshape(b // rows, rows, *x.shape[1:])
         step = jax.checkpoint(lambda xs: _attend_query_blocks(*xs, q_block))
         out = jax.lax.map(step, jax.tree.map(blocks, (q, k, v, mask)))
         out = out.reshape(b, *out.shape[2:])
@@ -241,14 +244,6 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
 class Stack(nnx.Module):
     """`n` copies of a layer with parameters stacked on a leading `layers` axis and applied with `lax.scan`.
 
@@ -282,5 +277,6 @@ class Stack(nnx.Module):
             return layer(carry, *args), None
 
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+            policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[self.remat])
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         return jax.lax.scan(body, x, state)

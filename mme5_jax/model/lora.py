@@ -13,55 +13,20 @@ not depend on how the batch is chunked and GradCache's second forward sees the s
 """
 import math
 import re
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mme5_jax.hf_weights import installed_key, weight_map
+from mme5_jax.hf.layout import installed_key
+from mme5_jax.hf.weights import weight_map
 from mme5_jax.model.layers import Linear
+from mme5_jax.model.lora_config import MME5_TARGETS, AdapterConfig
 
-MME5_TARGETS = (
-    r"vision_model\.(local_segments\.\d+|global_layers)\.layers\.self_attn\.[qkvo]_proj",
-    r"language_model\.blocks\.layers\.layers\.\d+\.(self_attn|cross_attn)\.[qkvo]_proj",
-    r"language_model\.blocks\.layers\.layers\.\d+\.mlp\.down_proj",
-)
 # What mmE5 passes to PEFT; on Mllama it selects exactly the modules MME5_TARGETS selects here.
 MME5_PEFT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
-KINDS = ("lora", "dora")
 PEFT_PREFIX = "base_model.model."
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    """`targets` are regular expressions that must match a whole dotted module path of our model."""
-
-    kind: str = "dora"
-    rank: int = 8
-    alpha: float = 64.0
-    dropout: float = 0.1
-    targets: tuple = MME5_TARGETS
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"adapter kind {self.kind!r} unknown; choose from {KINDS}")
-        if self.rank < 1:
-            raise ValueError(f"adapter rank must be >= 1, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"adapter dropout must be in [0, 1), got {self.dropout}")
-        if not self.targets:
-            raise ValueError("adapter targets are empty")
-        for pattern in self.targets:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"adapter target {pattern!r} is not a valid regex: {e}") from None
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
 
 class LoRAParam(nnx.Param):

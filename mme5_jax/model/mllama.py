@@ -4,18 +4,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mme5_jax.config import ModelConfig
+from mme5_jax.model import DTYPES
 from mme5_jax.model.layers import Linear
 from mme5_jax.model.text import TextModel
 from mme5_jax.model.vision import VisionModel
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def resolve_dtype(dtype):
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; choose from {sorted(DTYPES)}")
-        return DTYPES[dtype]
+        return getattr(jnp, dtype)
     return dtype
 
 

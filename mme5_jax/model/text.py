@@ -25,7 +25,8 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x, ctx):
         b, n, _ = x.shape
-        split = lambda t: t.reshape(b, n, -1, self.head_dim)
+        def split(t):
+            return t.reshape(b, n, -1, self.head_dim)
         q = apply_rope(split(self.q_proj(x)), ctx["cos"], ctx["sin"])
         k = apply_rope(split(self.k_proj(x)), ctx["cos"], ctx["sin"])
         return self.o_proj(attention(q, k, split(self.v_proj(x)), ctx["self_mask"]))

@@ -24,7 +24,8 @@ class VisionAttention(nnx.Module):
 
     def __call__(self, x, mask):
         b, n, _ = x.shape
-        split = lambda t: t.reshape(b, n, self.num_heads, -1)
+        def split(t):
+            return t.reshape(b, n, self.num_heads, -1)
         out = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask)
         return self.o_proj(out)
 
@@ -98,7 +99,8 @@ class VisionModel(nnx.Module):
         self.post_tile_gate = param(None, (1,), ("norm",), param_dtype)
         self.layernorm_pre = LayerNorm(d, 1e-5, param_dtype=param_dtype)
         self.layernorm_post = LayerNorm(d, 1e-5, param_dtype=param_dtype)
-        make = lambda gated: (lambda r: VisionLayer(cfg, gated, dtype, param_dtype, r))
+        def make(gated):
+            return (lambda r: VisionLayer(cfg, gated, dtype, param_dtype, r))
         self.local_segments = nnx.List([Stack(make(False), stop - start, rngs, remat)
                                         for start, stop in local_segments(cfg)])
         self.global_layers = Stack(make(True), cfg.num_global_layers, rngs, remat)

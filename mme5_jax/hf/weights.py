@@ -1,25 +1,17 @@
-"""Hugging Face Mllama safetensors <-> our parameter tree: the key table, a streaming reader and the loader.
+"""The one table between Hugging Face Mllama tensors and our parameter tree, and the per-parameter transforms.
 
-One table (`weight_map`) names, for every HF tensor, the parameter it becomes, the layer slot in a stacked
-(scanned) parameter, and the transform (transpose for linear kernels, reshape for the patch convolution). Loading
-and the converters both read it, so the two directions cannot drift apart. Tensors are read one at a time from
-memory-mapped files, never the whole checkpoint.
+`weight_map` names, for every HF tensor (canonical key, see `layout`), the parameter it becomes, the layer slot in a
+stacked (scanned) parameter, and the transform (transpose for linear kernels, reshape for the patch convolution).
+Loading, both converters and the training export all read it, so the directions cannot drift apart.
 """
-import json
-import os
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
 from mme5_jax.config import ModelConfig
+from mme5_jax.hf.layout import installed_key
 from mme5_jax.model.text import layer_period
 from mme5_jax.model.vision import local_segments
-
-SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
 
 
 class WeightError(ValueError):
@@ -34,31 +26,6 @@ class Target:
     hf_shape: tuple
 
 
-# --- key layouts -------------------------------------------------------------------------------------------------
-def canonical_key(key: str) -> str:
-    """Maps transformers 4.4x on-disk keys and 5.x keys onto one canonical layout (`language_model.layers.N...`)."""
-    for old, new in (("model.language_model.", "language_model."), ("language_model.model.", "language_model."),
-                     ("language_model.lm_head.", "lm_head."), ("model.vision_model.", "vision_model."),
-                     ("model.multi_modal_projector.", "multi_modal_projector.")):
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
-
-
-def installed_key(key: str, layout: str = "5") -> str:
-    """The inverse of `canonical_key` for the given layout ("5" = transformers 5.x, "4.46" = released mmE5)."""
-    if layout == "4.46":
-        if key.startswith("language_model."):
-            return "language_model.model." + key[len("language_model."):]
-        if key.startswith("lm_head."):
-            return "language_model." + key
-        return key
-    if key.startswith("lm_head."):
-        return key
-    return "model." + key
-
-
-# --- the table ----------------------------------------------------------------------------------------------------
 def weight_map(cfg: ModelConfig) -> dict:
     """Canonical HF key -> Target for every tensor of `MllamaForConditionalGeneration` (lm_head excluded)."""
     v, t = cfg.vision, cfg.text
@@ -152,82 +119,6 @@ def to_hf(target: Target, array: np.ndarray) -> np.ndarray:
     return array
 
 
-# --- reading safetensors ------------------------------------------------------------------------------------------
-class SafetensorsFile:
-    """A memory-mapped safetensors file: tensors are views read on demand, with the header checked up front."""
-
-    def __init__(self, path: str):
-        self.path = path
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise WeightError(f"{path}: truncated safetensors file ({size} bytes)")
-            n = int.from_bytes(head, "little")
-            if n > size - 8:
-                raise WeightError(f"{path}: truncated safetensors header ({n} bytes declared, file is {size})")
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        self.data_start = 8 + n
-        self.header = header
-        for key, info in header.items():
-            if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise WeightError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
-            end = info["data_offsets"][1]
-            if self.data_start + end > size:
-                raise WeightError(f"{path}: truncated: tensor {key!r} ends at byte {self.data_start + end}, "
-                                  f"file has {size}")
-        self._mmap = None
-
-    def keys(self):
-        return self.header.keys()
-
-    def shape(self, key) -> tuple:
-        return tuple(self.header[key]["shape"])
-
-    def get(self, key) -> np.ndarray:
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        info = self.header[key]
-        start, end = info["data_offsets"]
-        raw = self._mmap[self.data_start + start: self.data_start + end]
-        return raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-
-
-class HFCheckpoint:
-    """All safetensors shards of a Hugging Face directory, addressed by canonical key."""
-
-    def __init__(self, path: str):
-        self.path = path
-        index_file = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index_file):
-            with open(index_file, encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        else:
-            files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
-        if not files:
-            raise WeightError(f"{path}: no *.safetensors files")
-        missing = [n for n in files if not os.path.exists(os.path.join(path, n))]
-        if missing:
-            raise WeightError(f"{path}: missing shard(s) listed in model.safetensors.index.json: {missing}")
-        self.files = [SafetensorsFile(os.path.join(path, n)) for n in files]
-        self.where = {}
-        for f in self.files:
-            for key in f.keys():
-                self.where[canonical_key(key)] = (f, key)
-
-    def keys(self):
-        return self.where.keys()
-
-    def shape(self, key) -> tuple:
-        f, raw = self.where[key]
-        return f.shape(raw)
-
-    def get(self, key) -> np.ndarray:
-        f, raw = self.where[key]
-        return f.get(raw)
-
-
 def check_keys(table: dict, keys) -> None:
     """Unknown or missing tensors are errors that name them (lm_head is optional: embeddings do not need it)."""
     keys = set(keys)
@@ -267,58 +158,9 @@ def read_param(ckpt, items, dtype) -> np.ndarray:
     return arrays[0] if items[0][1].index is None else np.stack(arrays)
 
 
-def load_hf_params(path: str, cfg: ModelConfig, dtype, place=None, progress: bool = True) -> dict:
-    """Reads an HF Mllama directory into {param path: array}, one parameter at a time.
-
-    `place(path, numpy_array)` moves each parameter to its device (and sharding) as soon as it is assembled, so
-    host memory holds at most one stacked parameter.
-    """
-    from tqdm import tqdm
-
-    ckpt = HFCheckpoint(path)
-    table = weight_map(cfg)
-    check_keys(table, ckpt.keys())
-    groups = group_by_param(table)
-    out = {}
-    for param_path, items in tqdm(groups.items(), desc="loading weights", unit="param", disable=not progress):
-        array = read_param(ckpt, items, dtype)
-        out[param_path] = place(param_path, array) if place else array
-    return out
-
-
-def is_hf_checkpoint(path: str) -> bool:
-    return os.path.isdir(path) and any(n.endswith(".safetensors") for n in os.listdir(path))
-
-
-
-class UnmappedReader:
-    """An `HFCheckpoint` read with plain file reads instead of memory maps.
-
-    Touched pages of a memory map stay resident (and count in RSS) until the map is closed, so a converter that
-    walks every tensor through `HFCheckpoint.get` ends up with the whole checkpoint resident. Each `get` here returns
-    a fresh array that is freed with its last reference.
-    """
-
-    def __init__(self, ckpt: HFCheckpoint):
-        self.ckpt = ckpt
-
-    def keys(self):
-        return self.ckpt.keys()
-
-    def shape(self, key) -> tuple:
-        return self.ckpt.shape(key)
-
-    def dtype(self, key) -> str:
-        f, raw = self.ckpt.where[key]
-        return f.header[raw]["dtype"]
-
-    def get(self, key) -> np.ndarray:
-        f, raw = self.ckpt.where[key]
-        info = f.header[raw]
-        start, end = info["data_offsets"]
-        out = np.empty(end - start, np.uint8)
-        with open(f.path, "rb") as handle:
-            handle.seek(f.data_start + start)
-            if handle.readinto(memoryview(out)) != end - start:
-                raise WeightError(f"{f.path}: truncated while reading tensor {raw!r}")
-        return out.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+def param_to_hf(items, array: np.ndarray, layout: str):
+    """The inverse of `read_param`: (HF key in `layout`, contiguous numpy array) for each HF tensor of one of our
+    parameters."""
+    for hf_key, target in items:
+        slab = array if target.index is None else array[target.index]
+        yield installed_key(hf_key, layout), np.ascontiguousarray(to_hf(target, slab))

@@ -1,4 +1,5 @@
 """Our base-checkpoint format: frozen Mllama weights in Orbax, plus what it takes to use them on their own.
+Training checkpoints (adapters, optimizer state) are the trainer's, not this format.
 
 A checkpoint directory holds
 - `weights/`: an Orbax PyTree checkpoint `{"params": {dotted param path: array}, "extras": {hf key: array}}`.
@@ -20,8 +21,10 @@ import numpy as np
 from flax import nnx
 
 from mme5_jax.config import ModelConfig
-from mme5_jax.hf_weights import WeightError
+from mme5_jax.hf.weights import WeightError
+from mme5_jax.model import DTYPES
 from mme5_jax.processing import portable_processor_files
+from mme5_jax.runtime import sync as _sync
 
 FORMAT = "mme5-base-checkpoint"
 FORMAT_VERSION = 1
@@ -31,7 +34,7 @@ PYTREE_DIR = "state"  # where Orbax's partial save puts the PyTree inside WEIGHT
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
               "tokenizer.model", "preprocessor_config.json", "processor_config.json", "generation_config.json",
               "chat_template.json", "chat_template.jinja")
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jax.numpy.bfloat16)}
+WEIGHT_DTYPES = {name: np.dtype(getattr(jax.numpy, name)) for name in DTYPES}
 
 
 def param_key(path: tuple) -> str:
@@ -41,9 +44,9 @@ def param_key(path: tuple) -> str:
 def as_dtype(dtype) -> np.dtype:
     """float32 or bfloat16, given by name or as a dtype; anything else is an error."""
     name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
-    if name not in DTYPES:
-        raise WeightError(f"unsupported weight dtype {name!r}; choose from {sorted(DTYPES)}")
-    return DTYPES[name]
+    if name not in WEIGHT_DTYPES:
+        raise WeightError(f"unsupported weight dtype {name!r}; choose from {sorted(WEIGHT_DTYPES)}")
+    return WEIGHT_DTYPES[name]
 
 
 def is_checkpoint(path: str) -> bool:
@@ -103,13 +106,6 @@ class AtomicDir:
         return False
 
 
-def _sync(name: str):
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 class WeightsWriter:
     """Streams parameters into the Orbax PyTree of a checkpoint being written.
 
@@ -159,20 +155,13 @@ def write_metadata(ckpt_dir: str, cfg: ModelConfig, dtype: str, source: dict, en
     """`mme5_checkpoint.json` and `config.json` (process 0 only; other processes share the filesystem)."""
     if jax.process_index() != 0:
         return
-    config = cfg.to_hf_dict(installed_config_layout())
+    config = cfg.to_hf_dict("installed")
     meta = dict(format=FORMAT, format_version=FORMAT_VERSION, dtype=dtype, source=source, config=config,
                 params=entries.get("params", {}), extras=entries.get("extras", {}))
     with open(os.path.join(ckpt_dir, METADATA_FILE), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
     with open(os.path.join(ckpt_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(dict(config, dtype=dtype), f, indent=2)
-
-
-def installed_config_layout() -> str:
-    """`to_hf_dict("installed")` without importing transformers (which costs seconds): read its version only."""
-    from importlib.metadata import version
-
-    return "5" if int(version("transformers").split(".")[0]) >= 5 else "4.46"
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
@@ -263,7 +252,7 @@ def iter_stored(path: str, keys, group: str = "params", dtype=None, batch_bytes:
 
 def np_dtype(name: str) -> np.dtype:
     """A stored dtype name as a numpy dtype (bfloat16 needs ml_dtypes)."""
-    return DTYPES.get(name) or np.dtype(name)
+    return WEIGHT_DTYPES.get(name) or np.dtype(name)
 
 
 def load_base_params(path: str, cfg: ModelConfig, dtype, place=None, mesh=None, progress: bool = False) -> dict:
