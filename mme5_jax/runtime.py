@@ -1,9 +1,12 @@
-"""JAX process start-up and cross-process barriers, shared by the trainer, the benchmark and checkpoint writers.
+"""JAX process start-up, cross-process barriers and the preemption notice, shared by the trainer, the benchmark and
+checkpoint writers.
 
 Some settings (XLA flags, the host CPU device count, CPU collectives, joining other processes) only take effect
 before JAX starts a backend, so every entry point applies them through `start_jax` first thing.
 """
 import os
+import signal
+import threading
 
 import jax
 from jax._src import xla_bridge
@@ -37,3 +40,37 @@ def sync(name: str):
     """Wait until every process reaches the barrier `name` (nothing to wait for in a single process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+class PreemptionNotice:
+    """SIGTERM, what TPU maintenance events and SLURM send before they stop a job, asks for a checkpoint at the
+    next step boundary and a clean exit.
+
+    With several processes JAX's preemption service (started by `jax.distributed.initialize`) hears the signal
+    and agrees on one step that every process reaches; a single process sets a flag in its own handler, installed
+    for the `with` block only.
+    """
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+        return False
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def reached(self, step: int) -> bool:
+        """Whether the run should checkpoint after `step` and stop; called by every process at every step."""
+        if jax.process_count() > 1:
+            self.received = self.received or multihost_utils.reached_preemption_sync_point(step)
+        return self.received

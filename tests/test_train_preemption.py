@@ -79,3 +79,31 @@ def test_killed_runs_resume_bit_identically(inputs):
         np.testing.assert_array_equal(ours[key], expected[key], err_msg=f"{key} differs (kills at {kills})")
     # The relaunched runs logged the same losses as the uninterrupted one, step for step.
     assert train_losses(output_dir) == train_losses(str(inputs / "reference"))
+
+
+def test_sigterm_checkpoints_the_step_in_flight_and_the_relaunch_continues(inputs):
+    """A preemption notice: the run saves the step in flight, exits with its own code, and the relaunch ends where
+    an uninterrupted run ends, bit for bit."""
+    from mme5_jax.train import PREEMPTED_EXIT_CODE
+
+    changes = {"train": {"steps": 16}, "checkpoint": {"every_steps": 100}}
+    reference = write_config(inputs, "term-reference", changes)
+    train(load_config(reference))
+    chain = write_config(inputs, "term", changes)
+    output_dir = str(inputs / "term")
+    log_path = inputs / "term.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(train_command(chain), env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+        _wait_for(lambda: max(train_losses(output_dir), default=0) >= 1, proc, log_path, "step 1")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=600) == PREEMPTED_EXIT_CODE, open(log_path).read()[-3000:]
+    (saved,) = _complete_steps(output_dir)
+    assert 1 < saved < 16 and "preempted: stopped at step" in open(log_path).read()
+    assert max(train_losses(output_dir)) == saved  # the step in flight finished, was logged and saved
+    result = subprocess.run(train_command(chain), env=subprocess_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = saved_state(os.path.join(output_dir, "checkpoints", "16"))
+    expected = saved_state(os.path.join(str(inputs / "term-reference"), "checkpoints", "16"))
+    for key in expected:
+        np.testing.assert_array_equal(ours[key], expected[key], err_msg=f"{key} differs (SIGTERM at step {saved})")
+    assert train_losses(output_dir) == train_losses(str(inputs / "term-reference"))

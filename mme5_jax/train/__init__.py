@@ -12,7 +12,8 @@ A run lives in `output_dir`:
 
 Relaunching the same command resumes from the latest complete checkpoint: Orbax writes each step into a
 temporary directory and renames it only when every item of every process is written, so a run killed
-mid-save resumes from the checkpoint before.
+mid-save resumes from the checkpoint before. SIGTERM (a TPU maintenance event's or SLURM's notice) checkpoints
+the step in flight and exits with `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: try again), so a job script can relaunch.
 
 Modules: `config` (the schema; no JAX), `startup` (JAX start-up, demo inputs), `build` (mesh, model, data),
 `checkpoints`, `heldout` (evaluation through `mme5_jax.eval`), `metrics`, and `loop` (`train`). The names below
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from mme5_jax.train.config import TrainConfig, TrainConfigError, load_config, processor_dir
 
+PREEMPTED_EXIT_CODE = 75
 _LAZY = {
     "train": "loop", "NonFiniteLossError": "loop",
     "build_model": "build", "random_base_model": "build", "pipeline_config": "build",
@@ -43,7 +45,8 @@ def __getattr__(name):
 
 def add_arguments(parser):
     parser.description = ("Train LoRA/DoRA adapters with InfoNCE from a YAML config; relaunching the same command "
-                          "resumes from the latest checkpoint in output_dir.")
+                          "resumes from the latest checkpoint in output_dir. On SIGTERM the run checkpoints the step "
+                          f"in flight and exits with code {PREEMPTED_EXIT_CODE}.")
     parser.add_argument("config", metavar="CONFIG.yaml",
                         help="training config: a YAML path, or a bundled config's name (demo, mme5_zero_shot, "
                              "mme5_supervised)")
@@ -63,5 +66,8 @@ def run(args):
     except (TrainConfigError, NonFiniteLossError) as err:
         print(f"mme5 train: error: {err}", file=sys.stderr)
         return 2
+    if summary.get("preempted"):
+        print(f"preempted: stopped at step {summary['step']} with a checkpoint; run the same command to resume")
+        return PREEMPTED_EXIT_CODE
     print(f"finished at step {summary['step']}; checkpoints in {Path(config.output_dir) / 'checkpoints'}")
     return 0

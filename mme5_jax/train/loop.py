@@ -10,7 +10,7 @@ import jax
 import yaml
 from tqdm import tqdm
 
-from mme5_jax import train_step
+from mme5_jax import runtime, train_step
 from mme5_jax.data import pipeline
 from mme5_jax.train import build, checkpoints, startup
 from mme5_jax.train.heldout import HeldoutEval
@@ -76,18 +76,26 @@ def train(config):
     try:
         if evaluate is not None and start == 0:
             run_eval(0)
-        for step in range(start, t.steps):
-            host_batch = next(iterator)
-            batch = pipeline.to_global_batch(host_batch, mesh, pad_token_id)
-            state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
-            step_log.add(step, metrics, _tokens(host_batch))
-            done = step + 1
-            if done % config.checkpoint.every_steps == 0 or done == t.steps:
-                run_checkpoints.save(done, state, iterator)
-            if evaluate is not None and (done == t.steps or (config.eval.every_steps > 0
-                                                             and done % config.eval.every_steps == 0)):
-                step_log.flush()
-                run_eval(done)
+        with runtime.PreemptionNotice() as preemption:
+            for step in range(start, t.steps):
+                host_batch = next(iterator)
+                batch = pipeline.to_global_batch(host_batch, mesh, pad_token_id)
+                state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
+                step_log.add(step, metrics, _tokens(host_batch))
+                done = step + 1
+                saved = done % config.checkpoint.every_steps == 0 or done == t.steps
+                if saved:
+                    run_checkpoints.save(done, state, iterator)
+                if evaluate is not None and (done == t.steps or (config.eval.every_steps > 0
+                                                                 and done % config.eval.every_steps == 0)):
+                    step_log.flush()
+                    run_eval(done)
+                if done < t.steps and preemption.reached(done):
+                    if not saved:
+                        run_checkpoints.save(done, state, iterator)
+                    summary["preempted"] = True
+                    log.warning("preemption notice (SIGTERM): checkpoint at step %d; the same command resumes", done)
+                    break
         step_log.flush()
     finally:
         progress.close()
