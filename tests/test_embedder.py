@@ -48,7 +48,9 @@ def test_raw_input_parity_with_hf_processor_and_model(model_dir, embedder):
     cosines = np.sum(ours * ref, axis=1)
     print(f"raw-input parity: {len(items)} items, min fp32 cosine {cosines.min():.8f}")
     assert ours.shape == (len(items), 32) and ours.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, rtol=1e-6)
+    # float32: ours and np.linalg.norm each sum 32 squares (<= 32 x 6e-8, halved by the sqrt) -> 2e-6.
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, rtol=2e-6)
+    # 1 - cos = |ours - ref|^2 / 2 <= 2e-9 at fp32 parity (1e-5 x sqrt(32)); the float32 dot rounds <= 32 x 6e-8 = 2e-6.
     assert cosines.min() >= 0.99999, np.argsort(cosines)[:5]
 
 
@@ -56,7 +58,8 @@ def test_embedding_independent_of_batch_neighbours(embedder):
     items = raw_items()[:10]
     together = embedder.encode(items)
     alone = np.concatenate([embedder.encode([item]) for item in items[:3]])
-    np.testing.assert_allclose(together[:3], alone, atol=2e-6)
+    # float32: reordered sums stay within test_model_parity's 1e-5 of max|component| (<= 0.53 here) -> 5e-6.
+    np.testing.assert_allclose(together[:3], alone, atol=5e-6)
 
 
 def test_truncation_at_max_length(embedder):
@@ -64,7 +67,7 @@ def test_truncation_at_max_length(embedder):
     truncated = embedder.processor.tokenize([long_text])[0]
     assert len(truncated) == 256
     a, b = embedder.encode([{"text": long_text, "image": None}, {"text": long_text + " tail", "image": None}])
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, b, atol=5e-6)  # float32 reorderings, as in the test above -> 5e-6
 
 
 def test_bad_items_name_their_index(embedder, tmp_path):
@@ -112,7 +115,7 @@ def test_cli_embed(model_dir, tmp_path):
     vectors = np.load(out)
     ref = Embedder.from_pretrained(path).encode([{"text": "a red image", "image": str(tmp_path / "red.png")},
                                                  {"text": "just text", "image": None}])
-    np.testing.assert_allclose(vectors, ref, atol=1e-6)
+    np.testing.assert_array_equal(vectors, ref)  # the CLI's Embedder is this one (float32, batch 8, no mesh): same ops
 
 
 def test_scanned_text_stack_compile_cost_is_flat_in_depth():
@@ -147,7 +150,8 @@ def test_sharded_embedder_matches_single_device(model_dir, embedder):
     kernel = sharded.model.language_model.blocks.layers.layers[0].mlp.gate_proj.kernel[...]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     items = raw_items()[:6] + raw_items()[-3:]
-    np.testing.assert_allclose(sharded.encode(items), embedder.encode(items), atol=2e-6)
+    # float32: split contractions reorder sums, within test_model_parity's 1e-5 of max|component| (<= 0.53) -> 5e-6.
+    np.testing.assert_allclose(sharded.encode(items), embedder.encode(items), atol=5e-6)
 
 
 def test_transformers_446_key_layout_loads_identically(model_dir, tmp_path):

@@ -221,7 +221,8 @@ def cli_runs(fixture):
 
 def test_cli_mmeb_scores_equal_hf_reference(fixture, reference, cli_runs):
     print(f"smallest reference score margin between positive and a distinct candidate: {reference['min_margin']:.2e}")
-    assert reference["min_margin"] > 1e-5  # our fp32 embeddings match HF to ~1e-6, so no argmax can flip
+    # No argmax can flip: at fp32 parity (1e-5 a component) a score moves <= 2 x sqrt(32) x 1e-5, two of them 2.3e-4.
+    assert reference["min_margin"] > 2.5e-4
     results = cli_runs["mmeb"]
     assert cli_runs["mmeb_encoded"] == reference["mmeb_unique"]
     for name, ranks in reference["ranks"].items():

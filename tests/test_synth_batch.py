@@ -62,6 +62,7 @@ def test_batch_mode_end_to_end_with_expiry_and_partial_errors(images, tmp_path):
     assert summary["prompt_tokens"] == server.billing.prompt_tokens
     assert summary["completion_tokens"] == server.billing.completion_tokens
     half_price = Price.for_model(load_prices(), "gpt-4o-2024-08-06", batch=True)
+    # float64: ~1e2 summed costs (1e-16 relative each) against one product: pytest.approx's rel=1e-6 is ample.
     assert summary["cost_usd"] == pytest.approx(half_price.cost(server.billing.prompt_tokens,
                                                                 server.billing.completion_tokens))
     assert summary["open_batches"] == []

@@ -36,6 +36,7 @@ def test_run_stops_at_the_cap(capped_run):
     price = Price.for_model(load_prices(), "gpt-4o-2024-08-06")
     assert summary["stopped"] == "budget"
     assert 0 < summary["records"] < 200
+    # float64: ~1e2 summed costs (1e-16 relative each); costs are multiples of 1e-8 USD, so round(, 8) keeps them.
     assert price.cost(*billed) == pytest.approx(summary["cost_usd"])
     assert summary["cost_usd"] <= CAP
     assert summary["remaining"] == 200 - summary["records"] - summary["parked"]
@@ -46,7 +47,7 @@ def test_status_reports_what_remains(capped_run, capsys):
     capsys.readouterr()
     assert synth_main(["status", "--out", str(out), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["remaining_budget_usd"] == pytest.approx(CAP - summary["cost_usd"])
+    assert status["remaining_budget_usd"] == pytest.approx(CAP - summary["cost_usd"])  # float64, as above: ~1e-15
     assert status["remaining"] == summary["remaining"] > 0
     assert status["stopped"] == "budget"
     assert synth_main(["status", "--out", str(out)]) == 0
@@ -72,7 +73,7 @@ def test_reservation_blocks_a_request_that_could_cross_the_cap():
     ledger.release(0.5)
     ledger.uncertain_usd = 0.4  # a timed-out request may have been billed: it keeps counting
     assert not ledger.try_reserve(0.3)
-    assert ledger.remaining_usd == pytest.approx(0.1)
+    assert ledger.remaining_usd == pytest.approx(0.1)  # 1.0 - 0.5 - 0.4 in float64: off by ~3e-17
 
 
 def test_torn_last_journal_line_is_cut_and_a_corrupt_line_is_named(tmp_path):

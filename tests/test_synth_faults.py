@@ -71,6 +71,7 @@ def test_ledger_equals_the_servers_billed_usage(fault_run):
     assert summary["billed_responses"] == server.billing.responses > 1000
     price = Price.for_model(load_prices(), "gpt-4o-2024-08-06")
     expected = price.cost(server.billing.prompt_tokens, server.billing.completion_tokens)
+    # float64: > 1e3 summed costs (1e-16 relative each, of ~$4) then round(, 8) (<= 5e-9): 1e-6 USD is ample.
     assert summary["cost_usd"] == pytest.approx(expected, abs=1e-6)
     assert json.loads((out / "summary.json").read_text())["cost_usd"] == summary["cost_usd"]
 

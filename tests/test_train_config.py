@@ -129,7 +129,7 @@ def test_random_base_init(config_file, init):
     q_proj = params["language_model.blocks.layers.layers.0.self_attn.q_proj.kernel"]   # [layers, in, out]
     expected = {"hf": (0.02, 0.02, 0.02), "lecun": (1 / np.sqrt(patch.shape[0]), 1.0, 1 / np.sqrt(q_proj.shape[1]))}
     for value, std in zip((patch, embed, q_proj), expected[init]):
-        assert value.std() == pytest.approx(std, rel=0.1)
+        assert value.std() == pytest.approx(std, rel=0.1)  # sampling: >= 2048 draws -> 1/sqrt(2n) <= 1.6%, so > 6 sigma
     assert np.all(params["language_model.blocks.layers.layers.1.cross_attn_attn_gate"] == 0.5)
     assert np.all(params["language_model.norm.weight"] == 1.0)   # norms keep HF's init either way
 

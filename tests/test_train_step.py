@@ -123,10 +123,11 @@ def peft_keyed(setup, graphdef, frozen, grads):
 def test_loss_and_gradients_match_float64_reference(setup, reference, shape):
     ref_loss, ref_grads = reference
     graphdef, state, metrics, grads = sgd_step(setup, make_mesh(*shape))
+    # float32: ~5 roundings (6e-8) left in an embedding x 2/tau = 100 -> 3e-5 a logit, 6e-5 a row; loss ~15: 4e-6.
     assert abs(float(metrics["loss"]) - ref_loss) <= 1e-5 * ref_loss
     ours = peft_keyed(setup, graphdef, state.frozen, grads)
     worst = max(rel_err(ours[k], ref_grads[k]) for k in ref_grads if np.abs(ref_grads[k]).max() > 0)
-    assert worst <= 1e-5, worst
+    assert worst <= 3e-5, worst  # the softmax weights, so every adapter gradient, inherit the logits' 3e-5
     assert int(metrics["nonfinite_steps"]) == 0 and int(state.step) == 1
 
 
@@ -175,6 +176,7 @@ def test_gradcache_chunks_match_plain_backprop_with_dropout(dropout_setup):
     errors = {}
     for chunk_size in (1, 2, B):
         loss, grads = run(chunk_size)
+        # Encoding is row-local (chunks give the same embeddings); at most the 8-row mean reorders: 8 x 1.2e-7 = 1e-6.
         assert loss == pytest.approx(plain_loss, rel=1e-6)
         errors[chunk_size] = tree_rel_err(grads, plain)
     print("GradCache gradient relative error by chunk size:", errors)
@@ -224,9 +226,9 @@ def worst_rel_err(ours, ref):
 def test_contrastive_group_of_the_whole_batch_is_the_global_loss(group_setup, chunk_size):
     loss, grads, _ = step_loss_and_grad(group_setup, chunk_size=chunk_size, contrastive_group=16)
     ref_loss, ref_grads, _ = step_loss_and_grad(group_setup, chunk_size=chunk_size)
-    # The same dots and sums on a [1, 16] view of the batch, at most reordered: a few float32 ulps (6e-8 each).
-    assert loss == pytest.approx(ref_loss, rel=1e-6)
-    assert worst_rel_err(grads, ref_grads) <= 1e-6
+    # Same dots on a [1, 16] view; 18-term log-sum-exps and the 16-row mean may reorder: 18 x 1.2e-7 = 2e-6 -> 3e-6.
+    assert loss == pytest.approx(ref_loss, rel=3e-6)
+    assert worst_rel_err(grads, ref_grads) <= 3e-6
 
 
 @pytest.mark.parametrize("chunk_size", [None, 8])
@@ -234,10 +236,9 @@ def test_contrastive_groups_match_a_per_group_reference(group_setup, chunk_size)
     """Groups of 4 consecutive examples (2 devices each); GradCache's strided chunks mix the groups."""
     loss, grads, hlo = step_loss_and_grad(group_setup, chunk_size=chunk_size, contrastive_group=4)
     ref_loss, ref_grads = group_setup["reference"]
-    # Two float32 runs that differ only in batch shape (so in summation order), each within 1e-5 of float64 as
-    # test_loss_and_gradients_match_float64_reference bounds it: within 2e-5 of each other.
+    # Two float32 runs differing in summation order, each within 1e-5 (loss) / 3e-5 (grads) of float64 (test above).
     assert loss == pytest.approx(ref_loss, rel=2e-5)
-    assert worst_rel_err(grads, ref_grads) <= 2e-5
+    assert worst_rel_err(grads, ref_grads) <= 6e-5
     assert "all-to-all" not in hlo
 
 
@@ -263,6 +264,7 @@ def test_mme5_schedule_is_deepspeed_warmup_decay():
     total, peak = 200, 1e-5
     schedule = ts.make_schedule("mme5", peak, total)
     warmup = 10  # 5% of 200
+    # float32 schedules: a few roundings (6e-8 each) against float64 formulas (0 exactly at the end): 1e-5 is ample.
     for step in (0, 1, 5, 9):
         assert float(schedule(step)) == pytest.approx(peak * math.log(step + 1) / math.log(warmup), rel=1e-5)
     for step in (10, 100, 199, 200):
