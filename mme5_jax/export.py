@@ -35,7 +35,7 @@ def load_run_model(run_dir, step=None):
 
     config = load_config(str(Path(run_dir) / "config.yaml"))
     cfg, model = build_model(config, base_dir(config, run_dir))
-    step = restore_adapters(config, Path(run_dir) / "checkpoints", model, step)
+    step = restore_adapters(Path(run_dir) / "checkpoints", model, step)
     jax.block_until_ready(nnx.state(model))
     return config, cfg, model, step
 

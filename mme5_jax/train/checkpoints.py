@@ -63,7 +63,7 @@ class RunCheckpoints:
         self.manager.close()
 
 
-def restore_adapters(config, directory, model, step=None):
+def restore_adapters(directory, model, step=None):
     """Load the adapters of checkpoint `step` (default: the latest complete one) into `model`; returns the step.
 
     Only the `trainable` part of the saved state is read, onto the devices the model's arrays live on.
