@@ -4,6 +4,7 @@ Kernels are stored [in, out] (the transpose of torch's [out, in]) with a logical
 converter is a pure transpose and the sharding rules table (mme5_jax.sharding) decides the mesh placement. Norms,
 softmax and RoPE run in float32 whatever the compute dtype, as in Hugging Face.
 """
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -132,6 +133,25 @@ class TileMask:
         return (allowed | ~tiles.any(-1, keepdims=True))[:, None]
 
 
+_TARGET_PLATFORM = []
+
+
+@contextlib.contextmanager
+def target_platform(name):
+    """Trace attention for platform `name` ("cpu", "gpu", "tpu") instead of the running backend: an ahead-of-time
+    compile for a TPU topology on a CPU host must choose the TPU's kernels and block sizes."""
+    _TARGET_PLATFORM.append(name)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.pop()
+
+
+def platform():
+    """The platform attention is traced for: the innermost `target_platform`, else JAX's default backend."""
+    return _TARGET_PLATFORM[-1] if _TARGET_PLATFORM else jax.default_backend()
+
+
 def attention(q, k, v, mask):
     """Softmax attention; q [B,Q,H,D], k/v [B,K,KVH,D] (grouped-query), `mask` one of the masks above or None.
 
@@ -146,7 +166,7 @@ def attention(q, k, v, mask):
     # Head-major [B, KVH, G, Q, D] / [B, KVH, K, D]: every block's matmuls read contiguous memory.
     q = q.reshape(b, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    budget = SCORE_BLOCK_BYTES.get(jax.default_backend(), DEFAULT_SCORE_BLOCK_BYTES)
+    budget = SCORE_BLOCK_BYTES.get(platform(), DEFAULT_SCORE_BLOCK_BYTES)
     query_bytes = 4 * heads * k_len
     if b * q_len * query_bytes <= budget:
         out = _attend(q, k, v, mask, jnp.arange(q_len))
@@ -165,7 +185,7 @@ def _cudnn_applies(q, k):
     """cuDNN's flash attention: GPU, half precision, head dim a multiple of 8 up to 128, even lengths (its rule for
     a bias in training)."""
     head_dim = q.shape[-1]
-    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+    return (platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
             and head_dim <= 128 and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
 
 
