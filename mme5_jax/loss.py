@@ -10,8 +10,12 @@ import jax.numpy as jnp
 
 
 def info_nce(query, positive, negatives=None, negative_mask=None, temperature: float = 0.02,
-             group_size: int | None = None):
+             group_size: int | None = None, example_mask=None):
     """query/positive [N, D], negatives [N, k, D], negative_mask [N, k] (False = padding) -> (loss, metrics).
+
+    `example_mask` [N] (False = a row the pipeline rejected): such a row is neither a query nor another query's
+    candidate, and the loss and accuracy average over the other rows. Its own diagonal stays, so its (ignored)
+    loss is finite and no NaN reaches the gradient through the masking.
 
     Logits are [N, N + k], labels the diagonal; the log-sum-exp runs in (at least) float32. With `group_size` G
     (dividing N), query i is scored only against the positives of rows G * (i // G) ... G * (i // G) + G - 1 plus
@@ -34,7 +38,17 @@ def info_nce(query, positive, negatives=None, negative_mask=None, temperature: f
         if negative_mask is not None:
             hard = jnp.where(negative_mask.astype(bool), hard, -jnp.inf)
         logits = jnp.concatenate([logits, hard], axis=1)
+    if example_mask is not None:
+        valid = example_mask.astype(bool)
+        diagonal = jnp.eye(n, dtype=bool)
+        logits = logits.at[:, :n].set(jnp.where(valid[None, :] | diagonal, logits[:, :n], -jnp.inf))
     target = jnp.diagonal(logits[:, :n])
-    loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - target)
-    accuracy = jnp.mean((jnp.argmax(logits, axis=1) == jnp.arange(n)).astype(jnp.float32))
+    per_query = jax.nn.logsumexp(logits, axis=1) - target
+    correct = (jnp.argmax(logits, axis=1) == jnp.arange(n)).astype(jnp.float32)
+    if example_mask is None:
+        loss, accuracy = jnp.mean(per_query), jnp.mean(correct)
+    else:
+        count = jnp.maximum(jnp.sum(valid), 1).astype(dtype)
+        loss = jnp.sum(jnp.where(valid, per_query, 0.0)) / count
+        accuracy = jnp.sum(jnp.where(valid, correct, 0.0)) / count
     return loss, {"loss": loss, "accuracy": accuracy}

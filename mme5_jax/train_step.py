@@ -26,7 +26,7 @@ from mme5_jax.model import lora
 from mme5_jax.sharding import batch_divisor, batch_sharding, load_rules, state_shardings
 
 SCHEDULES = ("mme5", "cosine", "linear", "constant")
-BATCH_KEYS = ("query", "positive", "negatives", "negative_mask")
+BATCH_KEYS = ("query", "positive", "negatives", "negative_mask", "example_mask")
 
 
 def make_schedule(name: str, peak_lr: float, total_steps: int, warmup_ratio: float = 0.05):
@@ -185,8 +185,8 @@ def _from_chunks(x):
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
-def _contrastive(layout, embeddings, negative_mask, temperature, group=None):
-    """embeddings [B, 2 + k, D] -> (loss, metrics); the queries stay sharded.
+def _contrastive(layout, embeddings, batch, temperature, group=None):
+    """embeddings [B, 2 + k, D] -> (loss, metrics); the queries stay sharded. `batch` supplies the masks.
 
     Without `group` the positives are gathered whole. Groups of `group` consecutive rows that line up with the
     batch shards become a leading axis, so a device gathers only its own groups' positives and its logits are
@@ -197,17 +197,26 @@ def _contrastive(layout, embeddings, negative_mask, temperature, group=None):
         raise ValueError(f"global batch {b} is not divisible by contrastive_group {group}")
     query = layout.constrain(embeddings[:, 0])
     negatives = embeddings[:, 2:] if embeddings.shape[1] > 2 else None
-    negative_mask = negative_mask if negatives is not None else None
+    negative_mask = batch.get("negative_mask") if negatives is not None else None
+    example_mask = batch.get("example_mask")
     if group is None or not layout.tiles(b, group):
         positive = layout.replicate(embeddings[:, 1])
-        return info_nce(query, positive, negatives, negative_mask, temperature, group_size=group)
+        return info_nce(query, positive, negatives, negative_mask, temperature, group_size=group,
+                        example_mask=example_mask)
 
     def split(x):
         return None if x is None else layout.constrain(x.reshape(b // group, group, *x.shape[1:]))
 
     loss, metrics = jax.vmap(functools.partial(info_nce, temperature=temperature))(
-        split(query), split(layout.constrain(embeddings[:, 1])), split(negatives), split(negative_mask))
-    return jnp.mean(loss), jax.tree.map(jnp.mean, metrics)
+        split(query), split(layout.constrain(embeddings[:, 1])), split(negatives), split(negative_mask),
+        example_mask=split(example_mask))
+    if example_mask is None:
+        return jnp.mean(loss), jax.tree.map(jnp.mean, metrics)
+    # Each group averaged over its own valid rows: weigh the groups by them for the batch's average.
+    counts = jnp.sum(split(example_mask), axis=1).astype(loss.dtype)
+    total = jnp.maximum(jnp.sum(counts), 1)
+    metrics = jax.tree.map(lambda m: jnp.sum(m * counts) / total, metrics)
+    return metrics["loss"], metrics
 
 
 def make_loss_and_grad(graphdef, mesh, *, temperature=0.02, chunk_size=None, contrastive_group=None, rules=None):
@@ -240,8 +249,8 @@ def make_loss_and_grad(graphdef, mesh, *, temperature=0.02, chunk_size=None, con
         groups, rows = slot_groups(batch)
 
         def loss_fn(t):
-            return _contrastive(layout, encode(t, frozen, groups, rows, rng), batch.get("negative_mask"),
-                                temperature, contrastive_group)
+            return _contrastive(layout, encode(t, frozen, groups, rows, rng), batch, temperature,
+                                contrastive_group)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
 
@@ -261,7 +270,7 @@ def make_loss_and_grad(graphdef, mesh, *, temperature=0.02, chunk_size=None, con
 
         embeddings = _from_chunks(jax.lax.map(forward, chunks))
         (loss, metrics), emb_grad = jax.value_and_grad(
-            lambda e: _contrastive(layout, e, batch.get("negative_mask"), temperature, contrastive_group),
+            lambda e: _contrastive(layout, e, batch, temperature, contrastive_group),
             has_aux=True)(embeddings)
 
         def backward(acc, chunk):

@@ -178,10 +178,17 @@ def bad_set(tmp_path_factory):
 BAD_CONFIG = {"global_batch_size": 1, "max_text_chars": 4000, "max_image_pixels": 50_000, "length_buckets": (32,)}
 
 
-def test_bad_input_is_counted_by_reason_and_skipped(processor_dir, bad_set):
+def test_bad_input_is_counted_by_reason_and_masked(processor_dir, bad_set):
+    """A rejected entry keeps its place in the stream as a masked placeholder row, so every entry is one row."""
     iterator = iter(make_dataset(config(processor_dir, **BAD_CONFIG), [bad_set]))
-    kept = [batch for batch in iterator]
+    batches = [batch for batch in iterator]
     report = problem_report(iterator)
+    assert len(batches) == 19
+    kept = [b for b in batches if b["example_mask"][0]]
+    for placeholder in (b for b in batches if not b["example_mask"][0]):
+        assert placeholder["record_index"][0] == placeholder["source_index"][0] == -1
+        assert not placeholder["negative_mask"].any() and not placeholder["query"]["has_image"].any()
+        assert placeholder["query"]["attention_mask"].sum() >= 1  # a real (empty) text the model can encode
     assert sorted(int(b["record_index"][0]) for b in kept) == [0, 1, 2, 3, 4, 5, 6, 17, 18]
     assert report["rejected"] == {"corrupt_image": 3, "decompression_bomb": 1, "empty_text": 1, "invalid_record": 1,
                                   "malformed_json": 1, "missing_image": 1, "path_escapes_root": 1,
@@ -231,3 +238,16 @@ def test_iterator_state_in_an_orbax_checkpoint(processor_dir, demo, tmp_path):
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
         manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
     assert_batches_equal(reference[3:], list(restored))
+
+
+def test_every_process_count_reads_the_same_global_batches(processor_dir, demo):
+    """Global batch s is the same entries in the same row order for 1, 2 or 4 processes, and a pipeline started at
+    `position` continues the stream exactly: what makes resuming onto another topology lossless."""
+    cfg = config(processor_dir, seed=5)
+    reference = [b["record_index"].tolist() for b in make_dataset(cfg, [demo["train"]])]
+    assert len(reference) == 12
+    for count, position in ((2, 0), (4, 0), (2, 3 * 8), (4, 5 * 8)):
+        shares = [[b["record_index"].tolist() for b in make_dataset(cfg, [demo["train"]], i, count, position)]
+                  for i in range(count)]
+        steps = [sum(parts, []) for parts in zip(*shares)]
+        assert steps == reference[position // 8:], (count, position)

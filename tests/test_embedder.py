@@ -16,6 +16,8 @@ from mme5_jax.processing import BadItemError
 from mme5_jax.testing import multilingual_texts
 from tiny_models import save_tiny_hf_dir
 
+pytestmark = pytest.mark.numerics  # CI runs these twice more beside a CPU-bound process
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):

@@ -16,6 +16,8 @@ from mme5_jax.model import lora
 from mme5_jax.model.mllama import MllamaModel, model_from_params
 from tiny_models import EDGE_LAYERS_CONFIG, load_tiny_params, save_tiny_hf_dir, tiny_hf_model
 
+pytestmark = pytest.mark.numerics  # CI runs these twice more beside a CPU-bound process
+
 
 def cosine(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

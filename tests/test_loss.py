@@ -13,6 +13,8 @@ from mme5_jax.loss import info_nce
 from mme5_jax.sharding import load_rules, make_mesh
 from mme5_jax.train_step import _contrastive, _Layout
 
+pytestmark = pytest.mark.numerics  # CI runs these twice more beside a CPU-bound process
+
 
 def reference(q, p, n, mask, tau):
     q, p, n = (np.asarray(x, np.float64) for x in (q, p, n))
@@ -127,7 +129,7 @@ def test_sharded_groups_gather_no_more_than_the_whole_batch(rows):
 
     def grad_fn(g):
         def loss(e):
-            return _contrastive(layout, e, mask, 0.02, g)
+            return _contrastive(layout, e, {"negative_mask": mask}, 0.02, g)
         return jax.jit(jax.value_and_grad(loss, has_aux=True), in_shardings=layout.sharding())
 
     def per_group(e, m):
@@ -144,3 +146,36 @@ def test_sharded_groups_gather_no_more_than_the_whole_batch(rows):
     np.testing.assert_allclose(grad, np.concatenate([g for _, g in refs]) / (rows // group), rtol=1e-12, atol=1e-11)
     assert "all-to-all" not in hlo
     assert all_gathered(hlo) <= all_gathered(global_hlo)
+
+
+@pytest.mark.parametrize("group", [None, 4])
+def test_rejected_rows_are_neither_queries_nor_candidates(group):
+    """Rows the pipeline rejected (example_mask False) drop out: the loss is that of the valid rows alone, their
+    embeddings get exactly zero gradient, and nothing is NaN, on the whole-batch and the grouped layout."""
+    layout = _Layout(make_mesh(8, 1, 1), load_rules())
+    rng = np.random.default_rng(2)
+    embeddings = unit(rng.standard_normal((16, 5, 8)))
+    mask = rng.random((16, 3)) > 0.3
+    valid = np.ones(16, bool)
+    valid[[1, 6, 7]] = False  # the grouped layout then has groups of 3, 4, 2 and 4 valid rows
+    embeddings[~valid] = 0.0  # an extreme placeholder: its logits tie with every other
+    mask[~valid] = False
+
+    def loss(e):
+        return _contrastive(layout, e, {"negative_mask": mask, "example_mask": valid}, 0.02, group)[0]
+
+    def valid_only(e, m, v):
+        return info_nce(e[v, 0], e[v, 1], e[v, 2:], m[v], 0.02)[0]
+
+    with jax.enable_x64(True):
+        value, grad = jax.value_and_grad(loss)(embeddings)
+        if group is None:
+            expected = valid_only(embeddings, mask, valid)
+        else:  # each group's loss averaged over all valid queries
+            parts = [(valid_only(e, m, v), v.sum()) for e, m, v in
+                     zip(*(np.split(x, 16 // group) for x in (embeddings, mask, valid)))]
+            expected = sum(loss * count for loss, count in parts) / valid.sum()
+    # float64 throughout: the two sides sum the same terms in another order, 16 terms of <= 60 -> 1e-12 relative.
+    assert float(value) == pytest.approx(float(expected), rel=1e-12)
+    assert np.isfinite(grad).all()
+    np.testing.assert_array_equal(grad[~valid], 0.0)

@@ -12,6 +12,8 @@ from hf_reference import hf_forward, random_batch, rel_err
 from mme5_jax.model.mllama import model_from_params, pool_last_token
 from tiny_models import EDGE_LAYERS_CONFIG, GQA_LLAMA3_CONFIG, HF_TEST_CONFIG, load_tiny_params, save_tiny_hf_dir
 
+pytestmark = pytest.mark.numerics  # CI runs these twice more beside a CPU-bound process
+
 TOL = 1e-5  # float32 vs float32: ~100 eps (1.2e-7) of rounding over <= 10 layers of <= 96-term dots (max err/max)
 ALL_GRIDS = [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)]
 WORST = {}

@@ -151,3 +151,28 @@ def test_heldout_recall_is_what_mme5_eval_gives_the_checkpoint(inputs):
     assert scored["sets"]["heldout"]["n"] == logged[-1]["num_queries"] == 48
     assert scored["sets"]["heldout"]["recall@1"] == logged[-1]["recall@1"]
     assert logged[-1]["recall@1"] != logged[0]["recall@1"]  # the adapters changed what the run scored
+
+
+def test_a_resume_that_cannot_hold_the_global_batch_stops_before_touching_the_run(inputs):
+    """A mesh whose batch shards do not divide a GradCache chunk, or a global batch other than the checkpoint's,
+    stops with an error naming both values, before the run directory changes."""
+    import jax.numpy as jnp
+
+    from mme5_jax.train import DataPosition, RunCheckpoints, TrainConfigError
+    from mme5_jax.train.config import CheckpointSection
+    from mme5_jax.train_step import TrainState
+
+    output_dir = inputs / "refused"
+    checkpoints = RunCheckpoints(output_dir / "checkpoints", CheckpointSection(async_save=False))
+    state = TrainState(step=jnp.int32(2), trainable={"w": jnp.ones(2)}, opt_state={}, frozen={},
+                       nonfinite_steps=jnp.int32(0))
+    checkpoints.save(2, state, DataPosition(32, 16))
+    checkpoints.finish()
+    before = sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*"))
+    with pytest.raises(TrainConfigError, match=r"train.chunk_size: 4 must divide data.global_batch_size=16 and be a "
+                                               r"multiple of the 8 batch shards of the mesh \(data x fsdp = 8 x 1\)"):
+        train(load_config(write_config(inputs, "refused", {"train": {"chunk_size": 4}})))
+    with pytest.raises(TrainConfigError, match="data.global_batch_size: 32, but the checkpoint at step 2 in .* "
+                                               "trained with 16"):
+        train(load_config(write_config(inputs, "refused", {"data": {"global_batch_size": 32}})))
+    assert sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*")) == before

@@ -21,6 +21,8 @@ from mme5_jax.sharding import make_mesh
 from mme5_jax import train_step as ts
 from tiny_models import GQA_LLAMA3_CONFIG, load_tiny_params, save_tiny_hf_dir
 
+pytestmark = pytest.mark.numerics  # CI runs these twice more beside a CPU-bound process
+
 B, K, TAU = 8, 2, 0.02
 ADAPTERS = lora.AdapterConfig(kind="dora", rank=4, alpha=8.0, dropout=0.0)
 

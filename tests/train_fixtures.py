@@ -68,7 +68,12 @@ def saved_state(checkpoint_dir):
     import jax
     import orbax.checkpoint as ocp
 
-    restored = ocp.PyTreeCheckpointer().restore(os.path.join(checkpoint_dir, "state"))
+    checkpointer = ocp.PyTreeCheckpointer()
+    path = os.path.join(checkpoint_dir, "state")
+    # As numpy arrays: the devices that saved them may be another topology's.
+    metadata = checkpointer.metadata(path).item_metadata.tree
+    restored = checkpointer.restore(path, restore_args=jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata))
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
 
 

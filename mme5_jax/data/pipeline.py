@@ -3,22 +3,27 @@
 Order of work:
 
     record sets -> one shuffled pass over them (`mixture.open_mixture`: index-level, so it costs nothing)
-    -> repeat(num_epochs) -> [process_index::process_count]
+    -> repeat(num_epochs) = the global order -> this process's rows of each global batch (`ProcessRows`)
     -> map(decode, load images, Mllama preprocessing)           (in `num_workers` processes)
-    -> count and drop rejected examples -> batch into length buckets
+    -> count rejected examples -> batch into length buckets
+
+Global batch s is entries [position + s * G, position + (s + 1) * G) of the global order, in that row order, and
+process p of P contributes rows [p * G / P, (p + 1) * G / P). A run's data position is therefore one number,
+`position`, whatever the number of processes: a checkpoint written by P processes resumes on P' processes with
+no example skipped or repeated. A rejected example keeps its row, as a placeholder that `example_mask` marks
+False so the loss ignores it; dropping it would shift every later row by one, on one process only.
 
 Every example passes through `MllamaInputProcessor`, the same code as the `Embedder`, so training sees exactly
-the inputs inference will. Per-example work never filters inside the `MapDataset`: a bad example becomes a
-`rejected` marker and is dropped after prefetching, by an iterator that keeps counts by reason in its
-checkpointable state. That keeps the element order independent of the number of workers and makes
-"skipped" visible instead of silent.
+the inputs inference will. Rejections are counted by reason in the counting stage's checkpointable state, so
+"skipped" is visible instead of silent.
 
 Workers send only the real image tiles of an example (text-only items and repeated negatives cost nothing);
 the batching step rebuilds the zero-padded `pixel_values`.
 
 A host batch is a dict of numpy arrays: `query` and `positive` hold the processor's arrays [B, ...],
-`negatives` the same with [B, k, ...], plus `negative_mask` [B, k], `source_index` and `record_index` [B].
-`to_global_batch` turns it into `jax.Array`s sharded over the mesh's batch axes.
+`negatives` the same with [B, k, ...], plus `negative_mask` [B, k], `example_mask`, `source_index` and
+`record_index` [B] (-1 for a rejected row). `to_global_batch` turns it into `jax.Array`s sharded over the mesh's
+batch axes.
 """
 import dataclasses
 import functools
@@ -37,6 +42,7 @@ from mme5_jax.records import RecordError, check_image_path, decode_record, resol
 
 log = logging.getLogger(__name__)
 TEXT_KEYS = ("input_ids", "attention_mask", "cross_attention_mask")
+ROW_KEYS = ("negative_mask", "example_mask", "source_index", "record_index")
 
 
 class BadExampleError(ValueError):
@@ -97,6 +103,7 @@ class PrepareExample:
             if self.config.bad_input == "raise":
                 raise BadExampleError(f"{where}: {reject.reason}: {reject}") from None
             return {"rejected": reject.reason, "detail": f"{where}: {reject}"}
+        example["example_mask"] = np.bool_(True)
         example["source_index"] = np.int32(source_index)
         example["record_index"] = np.int64(record_index)
         return example
@@ -164,22 +171,35 @@ def _pad_length(array, key, length, pad_id, axis):
     return np.pad(array, widths, constant_values=pad_id if key == "input_ids" else 0)
 
 
+def placeholder_example(processor, num_negatives):
+    """The row a rejected example leaves behind: one empty text in every slot, masked out of the loss. It runs
+    through the model like any row, so it must be an input the model handles (an all-padding row is not)."""
+    arrays = processor([{"text": "", "image": None}])
+    tiles = arrays["pixel_values"][0, 0, :0]
+    return {"items": {key: value for key, value in arrays.items() if key != "pixel_values"}, "tiles": tiles,
+            "num_tiles": np.zeros(1, np.int64), "slots": np.zeros(2 + num_negatives, np.int64),
+            "negative_mask": np.zeros(num_negatives, bool), "example_mask": np.bool_(False),
+            "source_index": np.int32(-1), "record_index": np.int64(-1)}
+
+
 class CollateBuckets:
     """Stack examples into one batch padded to the smallest length bucket that holds its longest row.
 
     Each example's items are placed into the query, positive and negative slots, and their tiles into
-    zeroed `pixel_values` of `max_image_tiles` tiles.
+    zeroed `pixel_values` of `max_image_tiles` tiles; a rejected example becomes `placeholder`.
     """
 
-    def __init__(self, buckets, pad_token_id, max_image_tiles):
+    def __init__(self, buckets, pad_token_id, max_image_tiles, placeholder):
         self.buckets = buckets
         self.pad_token_id = pad_token_id
         self.max_image_tiles = max_image_tiles
+        self.placeholder = placeholder
 
     def __call__(self, examples):
+        examples = [self.placeholder if "rejected" in ex else ex for ex in examples]
         length = bucket_for(self.buckets, max(int(ex["items"]["attention_mask"].sum(axis=1).max()) for ex in examples))
         k = len(examples[0]["slots"]) - 2
-        tile_shape = examples[0]["tiles"].shape[1:]
+        tile_shape = self.placeholder["tiles"].shape[1:]
         pixels = np.zeros((len(examples), 2 + k, 1, self.max_image_tiles, *tile_shape), dtype=np.float32)
         fields = {key: [] for key in examples[0]["items"]}
         for b, ex in enumerate(examples):
@@ -194,13 +214,13 @@ class CollateBuckets:
         batch = {"query": {key: value[:, 0] for key, value in stacked.items()},
                  "positive": {key: value[:, 1] for key, value in stacked.items()},
                  "negatives": {key: value[:, 2:] for key, value in stacked.items()}}
-        for key in ("negative_mask", "source_index", "record_index"):
+        for key in ROW_KEYS:
             batch[key] = np.stack([ex[key] for ex in examples])
         return batch
 
 
 class CountRejectsIterDataset(grain.IterDataset):
-    """Drops rejected examples after prefetching; see `_CountRejectsIterator`."""
+    """Counts rejected examples and notes after prefetching; see `_CountRejectsIterator`."""
 
     def __iter__(self):
         return _CountRejectsIterator(self._parent.__iter__())
@@ -210,7 +230,8 @@ class CountRejectsIterDataset(grain.IterDataset):
 
 
 class _CountRejectsIterator(grain.DatasetIterator):
-    """Counts rejected examples and per-example notes by reason, in its checkpointable state."""
+    """Counts rejected examples and per-example notes by reason, in its checkpointable state. Rejected
+    examples pass on as markers (see `CollateBuckets`), so every process consumes the same number of entries."""
 
     def __init__(self, parent):
         super().__init__(parent)
@@ -218,23 +239,51 @@ class _CountRejectsIterator(grain.DatasetIterator):
         self.notes = Counter()
 
     def __next__(self):
-        while True:
-            element = next(self._parent)
-            if "rejected" not in element:
-                self.notes.update(element.pop("notes"))
-                return element
+        element = next(self._parent)
+        if "rejected" in element:
             if not self.rejected[element["rejected"]]:
-                log.warning("skipping %s (%s); further skips of this kind are only counted",
-                            element["detail"], element["rejected"])
+                log.warning("rejected %s (%s): its row is masked out of the loss; further rejections of this kind "
+                            "are only counted", element["detail"], element["rejected"])
             self.rejected[element["rejected"]] += 1
+        else:
+            self.notes.update(element.pop("notes"))
+        return element
 
     def get_state(self):
         return {"parent": self._parent.get_state(), "rejected": dict(self.rejected), "notes": dict(self.notes)}
 
     def set_state(self, state):
         self._parent.set_state(state["parent"])
-        self.rejected = Counter(state["rejected"])
-        self.notes = Counter(state["notes"])
+        self.restore_counts(state)
+
+    def restore_counts(self, counts):
+        self.rejected = Counter(counts["rejected"])
+        self.notes = Counter(counts["notes"])
+
+
+class ProcessRows(grain.MapDataset):
+    """This process's rows of every global batch, from `position` on in the global order (see module docstring):
+    local entry s * rows + j is global entry position + s * rows * count + index * rows + j."""
+
+    def __init__(self, parent, position, index, count, rows):
+        super().__init__(parent)
+        self._position, self._index, self._count, self._rows = position, index, count, rows
+        self._length = max(0, len(parent) - position) // (rows * count) * rows
+
+    def __len__(self):
+        return self._length
+
+    def _global_index(self, local):
+        step, j = divmod(local, self._rows)
+        return self._position + (step * self._count + self._index) * self._rows + j
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._global_index(index)]
+
+    def __str__(self):
+        return f"ProcessRows(position={self._position}, process {self._index} of {self._count}, rows={self._rows})"
 
 
 def find_counter(iterator):
@@ -254,16 +303,18 @@ def problem_report(iterator):
     return {"rejected": dict(sorted(counter.rejected.items())), "notes": dict(sorted(counter.notes.items()))}
 
 
-def make_dataset(config, record_sets, process_index=0, process_count=1):
-    """The pipeline as a `grain.IterDataset` of host batches for one process (see module docstring)."""
+def make_dataset(config, record_sets, process_index=0, process_count=1, position=0):
+    """The pipeline as a `grain.IterDataset` of host batches for one process, starting `position` entries into
+    the global order (see module docstring)."""
     if config.bad_input not in POLICIES:
         raise ValueError(f"bad_input must be one of {POLICIES}, got {config.bad_input!r}")
     if config.global_batch_size % process_count:
         raise ValueError(f"global_batch_size={config.global_batch_size} is not divisible by "
                          f"process_count={process_count}")
     record_sets = [RecordSet(r) if isinstance(r, (str, os.PathLike)) else r for r in record_sets]
+    rows = config.global_batch_size // process_count
     ds = open_mixture(record_sets, config.seed).dataset.repeat(config.num_epochs)
-    ds = ds[process_index::process_count]
+    ds = ProcessRows(ds, position, process_index, process_count, rows)
     ds = ds.map(PrepareExample(config, [r.resolved_image_root() for r in record_sets]))
     # Grain's default read-ahead (16 threads, 500 elements) would hold gigabytes of 448-px tiles per process.
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
@@ -276,8 +327,9 @@ def make_dataset(config, record_sets, process_index=0, process_count=1):
     ds = CountRejectsIterDataset(ds)
     processor = load_processor(config.processor_dir, config.bos, config.max_length,
                                config.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS)
-    return ds.batch(config.global_batch_size // process_count, drop_remainder=True,
-                    batch_fn=CollateBuckets(config.buckets(), processor.pad_token_id, processor.max_image_tiles))
+    collate = CollateBuckets(config.buckets(), processor.pad_token_id, processor.max_image_tiles,
+                             placeholder_example(processor, config.num_negatives))
+    return ds.batch(rows, drop_remainder=True, batch_fn=collate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,9 +355,7 @@ def to_global_batch(host_batch, mesh, pad_token_id, rules=None):
     """Host batches of all processes -> one global batch of `jax.Array`s, rows split as the rules table says.
 
     Processes may have picked different length buckets; they agree on the longest first (one tiny
-    all-gather), so every process contributes the same shape. Every process must call this equally often:
-    with skipped examples a finite epoch can end one batch earlier on one process, so multi-process
-    training should run with `num_epochs=None` and stop at a step count.
+    all-gather), so every process contributes the same shape.
     """
     import jax
     from jax.experimental import multihost_utils
@@ -326,6 +376,6 @@ def to_global_batch(host_batch, mesh, pad_token_id, rules=None):
     for group in ("query", "positive", "negatives"):
         axis = 2 if group == "negatives" else 1
         out[group] = {key: put(key, value, axis) for key, value in host_batch[group].items()}
-    for key in ("negative_mask", "source_index", "record_index"):
+    for key in ROW_KEYS:
         out[key] = put(key, host_batch[key], None)
     return out

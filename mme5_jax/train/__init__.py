@@ -4,8 +4,8 @@ A run lives in `output_dir`:
 
     config.yaml            the resolved config (what `mme5 convert jax-to-hf` reads to rebuild the model)
     base/                  the frozen base weights when the model is randomly initialised (tiny demo models)
-    checkpoints/<step>/    Orbax: adapters + optimiser state + step + nonfinite_steps, and the Grain
-                           iterator state of every process; async, last `checkpoint.keep` kept
+    checkpoints/<step>/    Orbax: adapters + optimiser state + step + nonfinite_steps, and the data position
+                           (entries of the global order consumed); async, last `checkpoint.keep` kept
     metrics.jsonl          one JSON line per logged step / evaluation
     tensorboard/           the same scalars for TensorBoard
     curves.png             loss and held-out recall@1 over steps
@@ -14,6 +14,9 @@ Relaunching the same command resumes from the latest complete checkpoint: Orbax 
 temporary directory and renames it only when every item of every process is written, so a run killed
 mid-save resumes from the checkpoint before. SIGTERM (a TPU maintenance event's or SLURM's notice) checkpoints
 the step in flight and exits with `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: try again), so a job script can relaunch.
+Neither the adapters nor the data position depend on the mesh or the number of processes, so the relaunch may run
+on another slice (P x D processes x devices as P' x D') with the same global batch: the stream continues with no
+example skipped or repeated.
 
 Modules: `config` (the schema; no JAX), `startup` (JAX start-up, demo inputs), `build` (mesh, model, data),
 `checkpoints`, `heldout` (evaluation through `mme5_jax.eval`), `metrics`, and `loop` (`train`). The names below
@@ -31,7 +34,8 @@ _LAZY = {
     "train": "loop", "NonFiniteLossError": "loop",
     "build_model": "build", "random_base_model": "build", "pipeline_config": "build",
     "train_record_sets": "build", "plan_steps": "build",
-    "RunCheckpoints": "checkpoints", "restore_adapters": "checkpoints", "save_random_base": "checkpoints",
+    "RunCheckpoints": "checkpoints", "DataPosition": "checkpoints", "restore_adapters": "checkpoints",
+    "save_random_base": "checkpoints",
     "read_metrics": "metrics",
 }
 __all__ = ["TrainConfig", "TrainConfigError", "load_config", "processor_dir", "add_arguments", "run"] + list(_LAZY)

@@ -25,14 +25,23 @@ log = logging.getLogger(__name__)
 
 
 def run_mesh(config):
-    """The mesh `mesh` asks for; both batch sizes must split evenly over its batch shards and the processes."""
+    """The mesh `mesh` asks for, checked before anything is written: both batch sizes must split evenly over its
+    batch shards and the processes, and a GradCache chunk over the batch shards (else its sharding constraint
+    cannot hold and every chunk is gathered whole)."""
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    divisor = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    divisor = math.lcm(shards, jax.process_count())
     for key, size in (("data.global_batch_size", config.data.global_batch_size),
                       ("eval.batch_size", config.eval.batch_size)):
         if size % divisor:
             raise TrainConfigError(f"{key}: {size} is not divisible by the {divisor} batch shards of the mesh "
-                                   f"(data x fsdp) and processes")
+                                   f"(data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}) and "
+                                   f"{jax.process_count()} processes")
+    chunk = config.train.chunk_size
+    if chunk is not None and (config.data.global_batch_size % chunk or chunk % shards):
+        raise TrainConfigError(f"train.chunk_size: {chunk} must divide data.global_batch_size="
+                               f"{config.data.global_batch_size} and be a multiple of the {shards} batch shards of "
+                               f"the mesh (data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")
     return mesh
 
 

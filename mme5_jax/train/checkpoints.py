@@ -1,7 +1,19 @@
 """A run's Orbax training checkpoints (`checkpoints/<step>/`) and, for randomly initialised models, its frozen base
-(`base/`, written once so that every launch and the export start from the same weights)."""
+(`base/`, written once so that every launch and the export start from the same weights).
+
+A checkpoint holds the trainable part of the TrainState and the run's data position: how many entries of the
+global order the steps so far consumed, for the global batch size they consumed them at, with the rejection
+counts of all processes summed. Both are independent of the mesh and of the number of processes, so a run saved
+as P processes x D devices resumes as P' x D'.
+
+Checkpoints written before the data position was global hold one Grain iterator state per process instead; they
+still restore (`_position_from_iterator_states`).
+"""
 import dataclasses
+import json
+import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import grain
@@ -16,21 +28,36 @@ from mme5_jax.model.lora import LoRAParam
 from mme5_jax.train.build import random_base_model
 from mme5_jax.train.config import processor_dir
 
+log = logging.getLogger(__name__)
+
 # Saved keys of the persistent state that were renamed since, by their current name: checkpoints written before
 # the rename still restore.
 OLD_NAMES = {"nonfinite_steps": "nan_skips"}
 
 
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+    """Where the data stream stands: `position` entries of the global order consumed, `global_batch_size` a
+    step; `rejected` and `notes` are the pipeline's counts by reason, summed over processes."""
+
+    position: int
+    global_batch_size: int
+    rejected: dict = dataclasses.field(default_factory=dict)
+    notes: dict = dataclasses.field(default_factory=dict)
+
+
 class RunCheckpoints:
-    """Orbax checkpoints of a run: the trainable part of the TrainState plus every process's Grain iterator state.
+    """Orbax checkpoints of a run: the trainable part of the TrainState plus the `DataPosition`.
 
     The frozen base weights are not saved here (they come from `model.path`, or `base/` for random-init models).
     """
 
     def __init__(self, directory, section):
+        self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
+            self.directory,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data_position": ocp.JsonCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler()},
             options=ocp.CheckpointManagerOptions(max_to_keep=section.keep, create=True,
                                                  enable_async_checkpointing=section.async_save,
                                                  cleanup_tmp_directories=True))
@@ -43,11 +70,20 @@ class RunCheckpoints:
     def latest_step(self):
         return self.manager.latest_step()
 
-    def save(self, step, state, iterator):
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.persistent(state)),
-                                                        data=grain.checkpoint.CheckpointSave(iterator)))
+    def save(self, step, state, data_position):
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(self.persistent(state)),
+            data_position=ocp.args.JsonSave(dataclasses.asdict(data_position))))
 
-    def restore(self, step, state, iterator):
+    def data_position(self, step, global_batch_size):
+        """The `DataPosition` checkpoint `step` saved; for a checkpoint of the older per-process format, derived
+        from its iterator states, taking `global_batch_size` (which that format did not record) as the run's."""
+        if (Path(self.directory) / str(step) / "data_position").is_dir():
+            saved = self.manager.restore(step, args=ocp.args.Composite(data_position=ocp.args.JsonRestore()))
+            return DataPosition(**saved["data_position"])
+        return _position_from_iterator_states(Path(self.directory) / str(step) / "data", step, global_batch_size)
+
+    def restore(self, step, state):
         """`state` with its trainable part replaced from checkpoint `step`, laid out like `state` (any mesh)."""
         persistent = self.persistent(state)
         saved = self.manager.item_metadata(step)["state"].keys()
@@ -55,12 +91,47 @@ class RunCheckpoints:
         target = {names[key]: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                            value) for key, value in persistent.items()}
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(iterator)))["state"]
+            state=ocp.args.StandardRestore(target)))["state"]
         return dataclasses.replace(state, **{key: restored[name] for key, name in names.items()})
 
     def finish(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _position_from_iterator_states(directory, step, batch):
+    """The data position of a checkpoint that holds one Grain iterator state per process (the older format).
+
+    Process i of P read entries i, i + P, i + 2P, ... of the global order, one per accepted example and one per
+    rejected one, so it consumed step * G / P + rejected_i of them; the position is where the first unread entry
+    is. Entries some process read beyond it are read again after the resume; their number is logged.
+    """
+    files = sorted(directory.glob("process_*-of-*.json"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no data position and no per-process iterator states")
+    count = int(files[0].stem.rsplit("-of-", 1)[1])
+    states = [json.loads((directory / f"process_{i}-of-{count}.json").read_text()) for i in range(count)]
+    counts = [_find_counts(state, directory) for state in states]
+    consumed = [step * batch // count + sum(c["rejected"].values()) for c in counts]
+    position = min(i + count * n for i, n in enumerate(consumed))
+    again = sum(consumed) - position
+    if again:
+        log.warning("%s: resuming from per-process iterator states; %d entries read before the checkpoint are read "
+                    "again", directory.parent, again)
+    total = {key: dict(sum((Counter(c[key]) for c in counts), Counter())) for key in ("rejected", "notes")}
+    return DataPosition(position, batch, **total)
+
+
+def _find_counts(state, directory):
+    """The reject-counting stage's counts inside one process's nested iterator state."""
+    stack = [state]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "rejected" in node and "notes" in node:
+                return {"rejected": node["rejected"], "notes": node["notes"]}
+            stack.extend(node.values())
+    raise ValueError(f"{directory}: an iterator state without rejection counts")
 
 
 def restore_adapters(directory, model, step=None):

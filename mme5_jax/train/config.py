@@ -140,9 +140,13 @@ class CheckpointSection:
 
 @dataclasses.dataclass(frozen=True)
 class LogSection:
+    """`example_ids`: also write each step's examples (source and record index, in global batch order; -1 for a
+    rejected row) to metrics.jsonl as kind "examples", to audit which data a step saw, across resumes too."""
+
     every_steps: int = 1
     tensorboard: bool = True
     progress: bool = True
+    example_ids: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,17 +2,22 @@
 
 Step metrics are fetched one step late, so the host never waits for the device before dispatching the next step.
 """
+import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import jax
+import numpy as np
 import yaml
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from mme5_jax import runtime, train_step
 from mme5_jax.data import pipeline
 from mme5_jax.train import build, checkpoints, startup
+from mme5_jax.train.config import TrainConfigError
 from mme5_jax.train.heldout import HeldoutEval
 from mme5_jax.train.metrics import MetricsLog, plot_curves
 
@@ -30,11 +35,18 @@ def train(config):
     output_dir = Path(config.output_dir)
     startup.ensure_demo_inputs(config)
     config = build.plan_steps(config, warn=primary)
+    t, batch_size = config.train, config.data.global_batch_size
+    mesh = build.run_mesh(config)
+    run_checkpoints = checkpoints.RunCheckpoints(output_dir / "checkpoints", config.checkpoint)
+    start = run_checkpoints.latest_step()
+    resumed = None if start is None else run_checkpoints.data_position(start, batch_size)
+    if resumed is not None and resumed.global_batch_size != batch_size:
+        raise TrainConfigError(f"data.global_batch_size: {batch_size}, but the checkpoint at step {start} in "
+                                     f"{output_dir} trained with {resumed.global_batch_size}; resume with that, or "
+                                     f"start a new output_dir")
     if primary:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    t = config.train
-    mesh = build.run_mesh(config)
 
     _, model = build.build_model(config, config.model.path or checkpoints.save_random_base(config, output_dir))
     optimizer = train_step.make_optimizer(train_step.make_schedule(t.schedule, t.lr, t.steps, t.warmup_ratio),
@@ -46,15 +58,20 @@ def train(config):
                                    contrastive_group=t.contrastive_group)
 
     data_config = build.pipeline_config(config)
+    position = 0 if resumed is None else resumed.position
     iterator = iter(pipeline.make_dataset(data_config, build.train_record_sets(config), jax.process_index(),
-                                          jax.process_count()))
+                                          jax.process_count(), position=position))
     pad_token_id = build.pad_token_id(data_config)
-    run_checkpoints = checkpoints.RunCheckpoints(output_dir / "checkpoints", config.checkpoint)
-    start = run_checkpoints.latest_step()
-    if start is not None:
-        state = run_checkpoints.restore(start, state, iterator)
-        log.info("resumed from step %d", start)
+    if resumed is not None:
+        state = run_checkpoints.restore(start, state)
+        if primary:  # the counts so far are the whole run's; every process adds its own from here on
+            pipeline.find_counter(iterator).restore_counts({"rejected": resumed.rejected, "notes": resumed.notes})
+        log.info("resumed from step %d at entry %d of the data", start, position)
     start = start or 0
+
+    def data_position(done):
+        return checkpoints.DataPosition(position + (done - start) * batch_size, batch_size,
+                                        **_problems_of_all_processes(iterator))
 
     heldout = build.heldout_record_set(config)
     evaluate = None if heldout is None or config.eval.every_steps < 0 else \
@@ -80,19 +97,22 @@ def train(config):
             for step in range(start, t.steps):
                 host_batch = next(iterator)
                 batch = pipeline.to_global_batch(host_batch, mesh, pad_token_id)
+                if config.log.example_ids:
+                    metrics_log.write(step + 1, "examples", {key: _global_rows(batch[key]).tolist()
+                                                             for key in ("source_index", "record_index")})
                 state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
                 step_log.add(step, metrics, _tokens(host_batch))
                 done = step + 1
                 saved = done % config.checkpoint.every_steps == 0 or done == t.steps
                 if saved:
-                    run_checkpoints.save(done, state, iterator)
+                    run_checkpoints.save(done, state, data_position(done))
                 if evaluate is not None and (done == t.steps or (config.eval.every_steps > 0
                                                                  and done % config.eval.every_steps == 0)):
                     step_log.flush()
                     run_eval(done)
                 if done < t.steps and preemption.reached(done):
                     if not saved:
-                        run_checkpoints.save(done, state, iterator)
+                        run_checkpoints.save(done, state, data_position(done))
                     summary["preempted"] = True
                     log.warning("preemption notice (SIGTERM): checkpoint at step %d; the same command resumes", done)
                     break
@@ -106,8 +126,29 @@ def train(config):
     if step_log.last is not None:
         summary["last"] = step_log.last
     summary.update(step=int(jax.device_get(state.step)), nonfinite_steps=step_log.nonfinite_steps,
-                   data=pipeline.problem_report(iterator), state=state)
+                   data=_problems_of_all_processes(iterator), state=state)
     return summary
+
+
+def _global_rows(array):
+    """A row-sharded global `jax.Array` as one numpy array on every process."""
+    return multihost_utils.process_allgather(array, tiled=True) if jax.process_count() > 1 else np.asarray(array)
+
+
+def _problems_of_all_processes(iterator):
+    """The pipeline's counts by reason (`pipeline.problem_report`), summed over processes: each counts its own."""
+    report = pipeline.problem_report(iterator)
+    if jax.process_count() == 1:
+        return report
+    encoded = np.frombuffer(json.dumps(report).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.int32(len(encoded)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:len(encoded)] = encoded
+    totals = {key: Counter() for key in report}
+    for row, size in zip(multihost_utils.process_allgather(padded), sizes):
+        for key, counts in json.loads(bytes(row[:size])).items():
+            totals[key].update(counts)
+    return {key: dict(sorted(counts.items())) for key, counts in totals.items()}
 
 
 class StepLog:
