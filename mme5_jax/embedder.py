@@ -8,6 +8,7 @@ With a mesh, every process of a multi-process job encodes the same items: each p
 batch and gets all the embeddings back, so the processes make the same calls in the same order (the trainer's
 held-out evaluation relies on it).
 """
+import contextlib
 import functools
 import json
 import os
@@ -91,7 +92,8 @@ class Embedder:
                 raise BadItemError(rows[err.index], str(err).split(": ", 1)[1]) from err
             if not has_image:
                 arrays = {k: v for k, v in arrays.items() if k not in IMAGE_KEYS}
-            out[index] = _to_host(_embed(self._graphdef, self._state, self._put(arrays)))[: len(index)]
+            with self._mesh_context():
+                out[index] = _to_host(_embed(self._graphdef, self._state, self._put(arrays)))[: len(index)]
         return out
 
     def _plan(self, items) -> dict:
@@ -109,6 +111,10 @@ class Embedder:
         for i, (h, n) in enumerate(zip(has_image, lengths)):
             groups.setdefault((h, bucket_for(self.buckets, n)), []).append(i)
         return {k: np.array(v) for k, v in sorted(groups.items())}
+
+    def _mesh_context(self):
+        """The mesh, in context while tracing, so that attention keeps each device's rows on it."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     def _put(self, arrays: dict) -> dict:
         if self.mesh is None:

@@ -339,8 +339,10 @@ class TrainStep:
         return self._jitted
 
     def lower(self, state, batch, rng):
-        return self.jitted(state).lower(state, self._select(batch), rng)
+        with jax.set_mesh(self.mesh):  # attention reads the mesh to keep its row blocks on their devices
+            return self.jitted(state).lower(state, self._select(batch), rng)
 
     def __call__(self, state, batch, rng):
-        return self.jitted(state)(state, self._select(batch), rng)
+        with jax.set_mesh(self.mesh):
+            return self.jitted(state)(state, self._select(batch), rng)
 

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from mme5_jax.model import layers
-from mme5_jax.model.layers import CausalMask, PaddingPairMask, TileMask, attention, fused_attention
+from mme5_jax.model.layers import attention, fused_attention
+from mme5_jax.model.masks import CausalMask, PaddingPairMask, TileMask
+
+pytestmark = pytest.mark.numerics  # CI runs these twice more beside a CPU-bound process
 
 
 def dense_reference(q, k, v, bias):

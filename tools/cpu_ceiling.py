@@ -89,7 +89,8 @@ def attention_rates(config, cfg, repeats):
     import numpy as np
     import torch
 
-    from mme5_jax.model.layers import NEG_INF, CausalMask, PaddingPairMask, attention
+    from mme5_jax.model.layers import NEG_INF, attention
+    from mme5_jax.model.masks import CausalMask, PaddingPairMask
 
     b = config["batch"]
     if b["query_tiles"]:

@@ -5,15 +5,18 @@ converter is a pure transpose and the sharding rules table (mme5_jax.sharding) d
 softmax and RoPE run in float32 whatever the compute dtype, as in Hugging Face.
 """
 import contextlib
-import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
-from mme5_jax.model import REMAT_POLICIES
+from mme5_jax.model import REMAT_POLICIES, splash
+from mme5_jax.model.masks import CausalMask, PaddingPairMask, TileMask
+from mme5_jax.sharding import batch_divisor, load_rules, logical_to_spec
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 # Hugging Face ACT2FN names; "gelu" is the exact (erf) GELU.
@@ -80,57 +83,14 @@ class LayerNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dtype)
 
 
-# Largest float32 score block [rows, heads, queries, keys] attention materialises at once: on CPU small enough to
-# stay in cache (the vision tower of bench/cpu_small.yaml runs 2x faster than with one 143 MB block), on
-# accelerators large enough to keep them busy while bounding memory (the 11B vision tower's full score matrix is
-# 2.6 GB per image). On GPU, bf16/fp16 attention goes to cuDNN's flash attention instead (`fused_attention`).
+# Largest float32 score block [rows, heads, queries, keys] attention materialises at once on a device (of its own
+# rows and heads under a mesh): on CPU small enough to stay in cache (the vision tower of bench/cpu_small.yaml runs
+# 2x faster than with one 143 MB block), on accelerators large enough to keep them busy while bounding memory (the
+# 11B vision tower's full score matrix is 2.6 GB per image). On GPU, bf16/fp16 attention goes to cuDNN's flash
+# attention instead (`fused_attention`).
 SCORE_BLOCK_BYTES = {"cpu": 4 << 20}
 DEFAULT_SCORE_BLOCK_BYTES = 1 << 30
-
-
-# Masks are kept in their compact form and expanded one block of queries at a time, so no [B, Q, K] bias is ever
-# read from memory. `allowed(positions)` -> bool [B, 1, len(positions), K]; positions past the end (a padded last
-# block) give rows that are discarded. Masked pairs get HF's finfo.min bias, so fully masked rows behave as there.
-
-
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
-class CausalMask:
-    """Decoder self-attention: query q sees keys k <= q that are not padding. key_valid [B, K]."""
-
-    key_valid: jax.Array
-
-    def allowed(self, positions):
-        causal = jnp.arange(self.key_valid.shape[1])[None, :] <= positions[:, None]
-        return (causal[None] & self.key_valid[:, None, :])[:, None]
-
-
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
-class PaddingPairMask:
-    """HF's vision-tower rule: a (query, key) pair is masked only when both are padding. invalid [B, S]."""
-
-    invalid: jax.Array
-
-    def allowed(self, positions):
-        invalid_q = jnp.take(self.invalid, positions, axis=1, mode="clip")
-        return ~(invalid_q[:, :, None] & self.invalid[:, None, :])[:, None]
-
-
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
-class TileMask:
-    """Cross-attention to image tiles: row l sees the `tokens_per_tile` vision tokens of each tile it may see.
-    A row that may see no tile sees every vision token, unmasked (HF zeroes such rows' mask; the caller masks only
-    their MLP output). tiles [B, L, T]."""
-
-    tiles: jax.Array
-    tokens_per_tile: int = dataclasses.field(metadata=dict(static=True))
-
-    def allowed(self, positions):
-        tiles = jnp.take(self.tiles, positions, axis=1, mode="clip")
-        allowed = jnp.repeat(tiles, self.tokens_per_tile, axis=-1)
-        return (allowed | ~tiles.any(-1, keepdims=True))[:, None]
+_rules = functools.cache(load_rules)  # the bundled table: where attention keeps rows and heads under a mesh
 
 
 _TARGET_PLATFORM = []
@@ -152,33 +112,126 @@ def platform():
     return _TARGET_PLATFORM[-1] if _TARGET_PLATFORM else jax.default_backend()
 
 
+# The kind of attention each mask stands for, as kernel reports name them.
+ATTENTION_KINDS = {PaddingPairMask: "vision self-attention", CausalMask: "text self-attention",
+                   TileMask: "cross-attention"}
+_KERNEL_RECORDS = []
+
+
+@contextlib.contextmanager
+def recorded_kernels():
+    """Yields {attention kind: (kernel, why not splash or None)}, filled as attention is traced inside the block:
+    what an ahead-of-time plan reports, read from the trace rather than predicted."""
+    chosen = {}
+    _KERNEL_RECORDS.append(chosen)
+    try:
+        yield chosen
+    finally:
+        _KERNEL_RECORDS.pop()
+
+
 def attention(q, k, v, mask):
-    """Softmax attention; q [B,Q,H,D], k/v [B,K,KVH,D] (grouped-query), `mask` one of the masks above or None.
+    """Softmax attention; q [B,Q,H,D], k/v [B,K,KVH,D] (grouped-query), `mask` one of `masks` or None.
 
     Every query sees all keys at once, so each row's softmax is exact; rows and then queries are split into blocks
-    whose scores fit `SCORE_BLOCK_BYTES`, and a block's scores are recomputed in the backward pass instead of
-    stored. Where cuDNN's flash attention applies, it runs instead.
+    whose scores fit `SCORE_BLOCK_BYTES` per device, and a block's scores are recomputed in the backward pass
+    instead of stored. Where cuDNN's flash attention applies (GPU), or splash's (TPU), it runs instead.
+
+    Under a mesh (`jax.set_mesh`), rows stay split over the batch axes and heads over the head axes (`_Placement`).
+    A loop cannot be split over devices, so the row blocks are strided, block j holding rows j, j + n, ...: the
+    loop runs over the rows each device holds, and no device gathers or computes another's rows.
     """
-    if _cudnn_applies(q, k):
+    kv_heads = k.shape[2]
+    place = _Placement.of((q.shape[0], kv_heads, q.shape[2] // kv_heads))
+    kernel, why = _choose_kernel(q, k, mask, place)
+    for chosen in _KERNEL_RECORDS:
+        chosen[ATTENTION_KINDS.get(type(mask), "unmasked attention")] = (kernel, why)
+    if kernel == "cudnn":
         return fused_attention(q, k, v, mask, "cudnn")
+    if kernel == "splash":
+        return splash.splash_attention(q, k, v, mask, placement=place.spec)
+    return _blocked_attention(q, k, v, mask, place)
+
+
+def _choose_kernel(q, k, mask, place):
+    """-> (kernel, why not splash): "cudnn" on GPU where it applies, "splash" on TPU where it applies, else
+    "blocked". Splash is exact for one image per text, as the processor gives (see `splash`)."""
+    if _cudnn_applies(q, k):
+        return "cudnn", None
+    if platform() != "tpu":
+        return "blocked", None
+    why = splash.why_not(q, k, mask)
+    if why is None and place.spec is not None and PartitionSpec.UNCONSTRAINED in place.spec:
+        why = f"{q.shape[0]} rows do not divide over the mesh's batch axes"
+    return ("blocked", why) if why else ("splash", None)
+
+
+def _blocked_attention(q, k, v, mask, place):
     b, q_len, heads, head_dim = q.shape
     kv_heads, k_len = k.shape[2], k.shape[1]
     # Head-major [B, KVH, G, Q, D] / [B, KVH, K, D]: every block's matmuls read contiguous memory.
     q = q.reshape(b, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    q, k, v, mask = place.constrain((q, k, v, mask))
+    local = b // place.row_shards
     budget = SCORE_BLOCK_BYTES.get(platform(), DEFAULT_SCORE_BLOCK_BYTES)
-    query_bytes = 4 * heads * k_len
-    if b * q_len * query_bytes <= budget:
+    query_bytes = 4 * heads // place.head_shards * k_len
+    if local * q_len * query_bytes <= budget:
         out = _attend(q, k, v, mask, jnp.arange(q_len))
     else:
-        rows = max(d for d in range(1, b + 1) if b % d == 0 and (d * q_len * query_bytes <= budget or d == 1))
+        rows = max(d for d in range(1, local + 1) if local % d == 0 and (d * q_len * query_bytes <= budget or d == 1))
         q_block = -(-q_len // -(-rows * q_len * query_bytes // budget))
+        n = local // rows
+
         def blocks(x):
-            return x.reshape(b // rows, rows, *x.shape[1:])
-        step = jax.checkpoint(lambda xs: _attend_query_blocks(*xs, q_block))
-        out = jax.lax.map(step, jax.tree.map(blocks, (q, k, v, mask)))
-        out = out.reshape(b, *out.shape[2:])
+            return jnp.swapaxes(x.reshape(b // n, n, *x.shape[1:]), 0, 1)
+
+        def step(xs):
+            return _attend_query_blocks(*place.constrain(xs), q_block, place)
+
+        out = jax.lax.map(jax.checkpoint(step), place.constrain(jax.tree.map(blocks, (q, k, v, mask)), lead=1))
+        out = jnp.swapaxes(place.constrain(out, lead=1), 0, 1).reshape(b, *out.shape[2:])
     return out.transpose(0, 3, 1, 2, 4).reshape(b, q_len, heads * head_dim)
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where attention's operands live on the mesh in context, as the bundled rules table places the logical axes
+    `batch` (rows), `kv_heads` and `heads` (the query heads of a KV head) with `mme5_jax.sharding.logical_to_spec`.
+
+    `spec` names the mesh axes of the head-major query's first three dimensions; None without a mesh. Rows the
+    batch axes do not divide are left to the partitioner."""
+
+    spec: tuple | None = None
+    row_shards: int = 1
+    head_shards: int = 1
+
+    @classmethod
+    def of(cls, shape):
+        """`shape` = (rows, KV heads, query heads per KV head)."""
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return cls()
+        spec = tuple(logical_to_spec(("batch", "kv_heads", "heads"), shape, mesh, _rules()))
+        def size(axes):
+            return math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)) if a)
+        row_shards = size(spec[0])
+        if row_shards == 1 and batch_divisor(mesh, _rules()) > 1:
+            spec = (PartitionSpec.UNCONSTRAINED,) + spec[1:]
+        return cls(spec, row_shards, size(spec[1]) * size(spec[2]))
+
+    def constrain(self, tree, lead=0):
+        """Constrains each array of `tree` laid out [`lead` loop axes, rows, ...]: a query or output [.., B, KVH,
+        G, Q, D] (5 dimensions), a key or value [.., B, KVH, K, D] (4), a mask array [.., B, ...] (below 4)."""
+        if self.spec is None:
+            return tree
+
+        def one(x):
+            ndim = x.ndim - lead
+            spec = self.spec if ndim == 5 else self.spec[:2] if ndim == 4 else self.spec[:1]
+            return jax.lax.with_sharding_constraint(x, PartitionSpec(*(None,) * lead, *spec))
+
+        return jax.tree.map(one, tree)
 
 
 def _cudnn_applies(q, k):
@@ -200,8 +253,8 @@ def fused_attention(q, k, v, mask, implementation):
     return out.reshape(b, q_len, heads * head_dim)
 
 
-def _attend_query_blocks(q, k, v, mask, q_block):
-    """`_attend` for blocks of `q_block` queries (the last one padded) against all keys."""
+def _attend_query_blocks(q, k, v, mask, q_block, place):
+    """`_attend` for blocks of `q_block` queries (the last one padded) against all keys, placed as `place` says."""
     b, kv_heads, groups, q_len, head_dim = q.shape
     if q_block >= q_len:
         return _attend(q, k, v, mask, jnp.arange(q_len))
@@ -211,9 +264,9 @@ def _attend_query_blocks(q, k, v, mask, q_block):
 
     def one(xs):
         i, q_i = xs
-        return _attend(q_i, k, v, mask, i * q_block + jnp.arange(q_block))
+        return _attend(place.constrain(q_i), k, v, mask, i * q_block + jnp.arange(q_block))
 
-    out = jax.lax.map(jax.checkpoint(one), (jnp.arange(n), q_blocks))
+    out = place.constrain(jax.lax.map(jax.checkpoint(one), (jnp.arange(n), place.constrain(q_blocks, lead=1))), lead=1)
     return jnp.moveaxis(out, 0, 3).reshape(b, kv_heads, groups, n * q_block, head_dim)[:, :, :, :q_len]
 
 

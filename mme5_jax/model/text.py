@@ -9,8 +9,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mme5_jax.config import TextConfig
-from mme5_jax.model.layers import (ACTIVATIONS, CausalMask, Linear, RMSNorm, Stack, TileMask, apply_rope, attention,
-                                   param, rope_cos_sin, rope_inv_freq)
+from mme5_jax.model.layers import (ACTIVATIONS, Linear, RMSNorm, Stack, apply_rope, attention, param, rope_cos_sin,
+                                   rope_inv_freq)
+from mme5_jax.model.masks import CausalMask, TileMask
 
 
 class SelfAttention(nnx.Module):

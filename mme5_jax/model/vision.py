@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mme5_jax.config import VisionConfig
-from mme5_jax.model.layers import ACTIVATIONS, LayerNorm, Linear, PaddingPairMask, Stack, attention, param
+from mme5_jax.model.layers import ACTIVATIONS, LayerNorm, Linear, Stack, attention, param
+from mme5_jax.model.masks import PaddingPairMask
 
 
 class VisionAttention(nnx.Module):
@@ -89,12 +90,15 @@ class VisionModel(nnx.Module):
         self.class_embedding = param(rngs, (d,), ("embed",), param_dtype)
         self.pos_gate = param(None, (1,), ("norm",), param_dtype)
         self.pos_embedding = param(rngs, (cfg.num_patches, d), ("patches", "embed"), param_dtype)
+        # Per-tile tables [aspect ratios, tiles * (patches *) d]: looked up per sample, they are added to the
+        # batch-sharded activations, so they are replicated (`tile_embed`); sharded on `embed`, the lookup would be
+        # split across tiles and the whole per-tile activation gathered to add it.
         self.tile_pos_embedding = param(rngs, (cfg.max_aspect_ratio_id + 1, t * cfg.num_patches * d),
-                                        ("aspect_ratio", "embed"), param_dtype)
-        self.pre_tile_embedding = param(rngs, (cfg.max_aspect_ratio_id + 1, t * d), ("aspect_ratio", "embed"),
+                                        ("aspect_ratio", "tile_embed"), param_dtype)
+        self.pre_tile_embedding = param(rngs, (cfg.max_aspect_ratio_id + 1, t * d), ("aspect_ratio", "tile_embed"),
                                         param_dtype)
         self.pre_tile_gate = param(None, (1,), ("norm",), param_dtype)
-        self.post_tile_embedding = param(rngs, (cfg.max_aspect_ratio_id + 1, t * d), ("aspect_ratio", "embed"),
+        self.post_tile_embedding = param(rngs, (cfg.max_aspect_ratio_id + 1, t * d), ("aspect_ratio", "tile_embed"),
                                          param_dtype)
         self.post_tile_gate = param(None, (1,), ("norm",), param_dtype)
         self.layernorm_pre = LayerNorm(d, 1e-5, param_dtype=param_dtype)

@@ -1,0 +1,170 @@
+"""Splash attention: `layers.attention` through the Pallas TPU flash kernels of
+`jax.experimental.pallas.ops.tpu.splash_attention`, for the model's three masks.
+
+Splash takes a static mask (compiled into the kernel; whole masked blocks are skipped) AND-ed with segment ids
+(a dynamic equality rule: query i sees key j only if their ids are equal). The model's masks are dynamic, so each
+is rewritten into that form, exactly:
+
+- `CausalMask` (text self-attention): the static causal mask, key padding as key ids 1 (valid) / 0 (padding).
+- `PaddingPairMask` (vision): HF masks a pair only when both are padding, so valid queries see every key and
+  padding queries see the valid keys only. That is no equality rule, so it takes two kernel calls, selected per row:
+  every query against all keys, and every query against the valid keys.
+- `TileMask` (cross-attention): a row sees the tiles of its set, a row with an empty set sees every token. Rows
+  with a set use ids: a query's id is its set as a bit field, a token's id the set of the rows that see its tile;
+  exact when any two rows' non-empty sets are equal or disjoint (one image per sample, as this model's inputs
+  are). Rows with an empty set take a second, unmasked call.
+
+Sequences are padded to a multiple of 128 (padded keys get id -1 or 0, so no query sees them) and head dims to a
+multiple of 128 (zeros in q and k add nothing to a score; zero columns of v are sliced off the output). Scores,
+softmax and the output accumulator are float32 inside the kernel, as `layers.attention` keeps them.
+
+Only a row that sees no key at all differs from `layers.attention`: HF's finfo.min bias makes it the mean of all
+values, splash the mean of the blocks it visits. With the model's masks such a row exists only in a sample with no
+valid token (a left-padded or empty text, an image with no valid tile), and it is never a key another row sees.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+from jax.sharding import PartitionSpec as P
+
+from mme5_jax.model.masks import CausalMask, PaddingPairMask, TileMask
+
+LANES = 128
+# Block sizes tried, largest first: 512 keeps the MXU busy on every TPU generation while a [512, 512] float32 score
+# block and its q/k/v blocks stay well inside VMEM; 384 divides 4224, the padded 4-tile vision sequence.
+BLOCK_CANDIDATES = (512, 384, 256, 128)
+# Segment ids are int32 and a query's id is its tile set as a bit field.
+MAX_TILES = 30
+
+
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def _block(padded_len):
+    return next(b for b in BLOCK_CANDIDATES if padded_len % b == 0)
+
+
+def block_sizes(q_len, k_len):
+    """-> (padded query length, padded key length, kernel BlockSizes): lengths rounded up to a multiple of 128
+    (the kernel's lane width), and per sequence the largest candidate block that divides its padded length, so
+    padding never exceeds 127 positions. Forward and backward kernels use the same blocks."""
+    q_pad, k_pad = _round_up(q_len, LANES), _round_up(k_len, LANES)
+    bq, bkv = _block(q_pad), _block(k_pad)
+    sizes = kernel_lib.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                                  block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+    return q_pad, k_pad, sizes
+
+
+def why_not(q, k, mask):
+    """Why splash cannot compute `layers.attention(q, k, v, mask)` for these static shapes and dtypes, or None."""
+    if q.ndim != 4 or k.ndim != 4:
+        return f"q and k must be [B, L, heads, D], got {q.shape} and {k.shape}"
+    if q.dtype != k.dtype or q.dtype not in (jnp.float32, jnp.bfloat16):
+        return f"q and k must share float32 or bfloat16, got {q.dtype} and {k.dtype}"
+    (b, q_len, heads, head_dim), (kb, k_len, kv_heads, k_dim) = q.shape, k.shape
+    if b != kb or head_dim != k_dim or heads % kv_heads:
+        return f"q {q.shape} and k {k.shape} do not match as grouped-query attention"
+    if isinstance(mask, (CausalMask, PaddingPairMask)) and q_len != k_len:
+        return f"{type(mask).__name__} is self-attention, but {q_len} queries meet {k_len} keys"
+    if isinstance(mask, TileMask):
+        tiles = mask.tiles.shape[-1]
+        if tiles > MAX_TILES:
+            return f"{tiles} tiles do not fit an int32 bit field"
+        if tiles * mask.tokens_per_tile != k_len:
+            return f"{tiles} tiles of {mask.tokens_per_tile} tokens are not the {k_len} keys"
+    elif mask is not None and not isinstance(mask, (CausalMask, PaddingPairMask)):
+        return f"no splash form for {type(mask).__name__}"
+    return None
+
+
+def splash_applies(q, k, mask) -> bool:
+    """Whether `splash_attention` computes `layers.attention(q, k, v, mask)`: a static rule (see `why_not`)."""
+    return why_not(q, k, mask) is None
+
+
+def _kernel(causal, heads, q_pad, k_pad, sizes, interpret):
+    """One example's kernel [heads, Q, D] x [kv_heads, K, D] -> [heads, Q, D]. Built at every trace (the library
+    caches the block tables it derives from a mask), so its tables become constants of that trace, also under a
+    mesh of devices this host cannot hold arrays on (an ahead-of-time compile for a TPU topology)."""
+    shape = (q_pad, k_pad)
+    head_mask = mask_lib.CausalMask(shape) if causal else mask_lib.FullMask(shape)
+    return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([head_mask] * heads), block_sizes=sizes,
+                                      head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q, k, v, mask, *, interpret=False, placement=None):
+    """`layers.attention(q, k, v, mask)` by splash kernels: q [B,Q,H,D], k/v [B,K,KVH,D] -> [B, Q, H*D].
+
+    The kernels are TPU (Mosaic) kernels; `interpret=True` runs them anywhere, slowly, for tests. XLA cannot split
+    a kernel over devices, so under a mesh (`jax.set_mesh`) `placement` = (batch axes, KV-head axes, axes of the
+    query heads within a KV head), each a mesh axis name, a tuple of names or None, says how rows and heads are
+    split; each device then runs the kernels on its own rows and heads (`jax.shard_map`)."""
+    reason = why_not(q, k, mask)
+    if reason is not None:
+        raise ValueError(reason)
+    if placement is None:
+        return _local_attention(q, k, v, mask, interpret)
+    b, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    rows, kv_axes, group_axes = placement
+    # Queries as [B, Q, KVH, G, D], so a device's query heads are whole groups of the KV heads it holds.
+    grouped, keys = P(rows, None, kv_axes, group_axes, None), P(rows, None, kv_axes, None)
+
+    def local(q, k, v, mask):
+        out = _local_attention(q.reshape(*q.shape[:2], -1, head_dim), k, v, mask, interpret)
+        return out.reshape(q.shape)
+
+    q = q.reshape(b, q_len, kv_heads, heads // kv_heads, head_dim)
+    out = jax.shard_map(local, in_specs=(grouped, keys, keys, P(rows)), out_specs=grouped, check_vma=False)(q, k, v,
+                                                                                                          mask)
+    return out.reshape(b, q_len, heads * head_dim)
+
+
+def _local_attention(q, k, v, mask, interpret):
+    """`splash_attention` of the rows and heads at hand."""
+    b, q_len, heads, head_dim = q.shape
+    k_len = k.shape[1]
+    q_pad, k_pad, sizes = block_sizes(q_len, k_len)
+    d_pad = _round_up(head_dim, LANES)
+    q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
+
+    def head_major(x, length):
+        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_pad - head_dim)))
+        return x.transpose(0, 2, 1, 3)
+
+    q, k, v = head_major(q, q_pad), head_major(k, k_pad), head_major(v, k_pad)
+
+    def ids(x, length, fill):
+        return jnp.pad(x.astype(jnp.int32), ((0, 0), (0, length - x.shape[1])), constant_values=fill)
+
+    ones_q = jnp.ones((b, q_pad), jnp.int32)
+    real_keys = ids(jnp.ones((b, k_len), jnp.int32), k_pad, 0)
+
+    def run(kv_ids, q_ids=ones_q, causal=False):
+        kernel = _kernel(causal, heads, q_pad, k_pad, sizes, interpret)
+        if kv_ids is None:
+            return jax.vmap(kernel)(q, k, v)
+        return jax.vmap(lambda *x: kernel(*x[:3], segment_ids=kernel_lib.SegmentIds(*x[3:])))(q, k, v, q_ids,
+                                                                                               kv_ids)
+
+    everything = None if k_pad == k_len else real_keys
+    if mask is None:
+        out = run(everything)
+    elif isinstance(mask, CausalMask):
+        out = run(ids(mask.key_valid, k_pad, 0), causal=True)
+    elif isinstance(mask, PaddingPairMask):
+        padding = ids(mask.invalid, q_pad, 0).astype(bool)
+        out = jnp.where(padding[:, None, :, None], run(ids(~mask.invalid, k_pad, 0)), run(everything))
+    else:
+        tiles = mask.tiles
+        bits = jnp.sum(jnp.where(tiles, 1 << jnp.arange(tiles.shape[-1]), 0), axis=-1)
+        token_ids = jnp.repeat(jnp.max(jnp.where(tiles, bits[..., None], 0), axis=1), mask.tokens_per_tile, axis=-1)
+        sees_tiles = ids(bits, q_pad, 0).astype(bool)
+        out = jnp.where(sees_tiles[:, None, :, None], run(ids(token_ids, k_pad, -1), ids(bits, q_pad, 0)),
+                        run(everything))
+    return out[:, :, :q_len, :head_dim].transpose(0, 2, 1, 3).reshape(b, q_len, heads * head_dim)
+
