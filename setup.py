@@ -41,10 +41,11 @@ setup(
             "openai",
             "tensorflow-datasets",
             "ruff",
+            "jax[tpu]==0.10.2",  # libtpu for tests/test_plan.py's ahead-of-time TPU compiles (no chips needed)
         ],
         "synth": ["openai", "httpx2"],
         "tfds": ["tensorflow-datasets"],
-        "tpu": ["jax[tpu]"],
+        "tpu": ["jax[tpu]==0.10.2"],  # libtpu built for this JAX; also what `mme5 plan` compiles with
         "gpu": ["jax[cuda12]"],
     },
     entry_points={

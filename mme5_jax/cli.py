@@ -15,6 +15,7 @@ COMMANDS = {
     "demo-data": ("mme5_jax.data.demo", "Write the small, deterministic, multilingual demo dataset and photos."),
     "bench": ("mme5_jax.bench.cli", "Benchmark the train step: examples/s, tokens/s, MFU/HFU per chip, time, memory."),
     "train": ("mme5_jax.train", "Train LoRA/DoRA adapters with InfoNCE from a YAML config (resumes from output_dir)."),
+    "plan": ("mme5_jax.plan.cli", "Compile the train step for a TPU topology ahead of time: memory, FLOPs, roofline."),
 }
 
 

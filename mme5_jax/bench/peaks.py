@@ -25,6 +25,18 @@ PEAK_TFLOPS = (
 )
 
 
+# One TPU chip: bf16 dense FLOP/s, HBM bytes, HBM bytes/s, as Google Cloud publishes them per generation (system
+# architecture pages: cloud.google.com/tpu/docs/v5e, /v5p, /v6e). Ahead-of-time plans use them (mme5_jax.plan).
+TPU_CHIPS = {
+    "v5e": {"name": "TPU v5e", "bf16_flops_per_s": 197e12, "hbm_bytes": 16 * 2**30, "hbm_bytes_per_s": 819e9,
+            "source": "https://cloud.google.com/tpu/docs/v5e"},
+    "v5p": {"name": "TPU v5p", "bf16_flops_per_s": 459e12, "hbm_bytes": 95 * 2**30, "hbm_bytes_per_s": 2765e9,
+            "source": "https://cloud.google.com/tpu/docs/v5p"},
+    "v6e": {"name": "TPU v6e", "bf16_flops_per_s": 918e12, "hbm_bytes": 32 * 2**30, "hbm_bytes_per_s": 1640e9,
+            "source": "https://cloud.google.com/tpu/docs/v6e"},
+}
+
+
 def table_peak(device_kind: str):
     """(name, peak FLOP/s) for a known accelerator, else None."""
     kind = device_kind.lower()
