@@ -19,8 +19,6 @@ from mme5_jax.sharding import batch_rows, batch_sharding, make_mesh
 from mme5_jax.train_step import TrainStep, init_train_state
 from test_attention import masks
 
-pytestmark = pytest.mark.numerics  # CI runs these twice more beside a CPU-bound process
-
 KINDS = ["none", "causal", "padding_pair", "tile"]
 MESHES = {"data": (8, 1, 1), "data_tensor": (4, 1, 2), "data_fsdp_tensor": (2, 2, 2)}
 B, LEN, HEADS, KV_HEADS, HEAD_DIM = 16, 64, 4, 2, 8
@@ -109,6 +107,7 @@ def test_per_device_flops_are_a_1_over_n_share(monkeypatch, kind, mesh_shape):
     assert per_device == pytest.approx(global_flops / mesh.size, rel=0.05)
 
 
+@pytest.mark.numerics  # CI runs it twice more beside a CPU-bound process
 @pytest.mark.parametrize("mesh_shape", MESHES.values(), ids=MESHES.keys())
 @pytest.mark.parametrize("kind", KINDS)
 def test_sharded_attention_equals_single_device(monkeypatch, kind, mesh_shape):
