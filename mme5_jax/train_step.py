@@ -1,9 +1,11 @@
 """The jitted contrastive training step: adapters trained, base frozen, exact full-batch InfoNCE gradient.
 
 The model is split into (graphdef, trainable adapters, frozen rest); only the adapters get gradients and optimizer
-state. Queries, positives and negatives are encoded in one model call per distinct input shape: groups laid out
-alike share a call, while e.g. text-only targets get their own and never run the vision tower. Every call stays
-row-sharded like the batch, so each device encodes its own examples and no rows move between devices.
+state. The vision tower runs once over the batch's real images (`images`, packed per device and chunk by
+`mme5_jax.data.images`), and each slot row takes its image's states by `image_index`, on its own device. Queries,
+positives and negatives are then encoded in one text call per distinct input shape: groups laid out alike share a
+call, while text-only groups get their own and skip the cross-attention layers. Every call stays row-sharded like
+the batch, so each device encodes its own examples and no rows move between devices.
 
 With `chunk_size`, GradCache bounds activation memory by the chunk instead of the batch: encode all chunks
 without keeping activations, take the exact loss gradient with respect to the embeddings, then re-encode chunk by
@@ -26,7 +28,7 @@ from mme5_jax.model import lora
 from mme5_jax.sharding import batch_divisor, batch_sharding, load_rules, state_shardings
 
 SCHEDULES = ("mme5", "cosine", "linear", "constant")
-BATCH_KEYS = ("query", "positive", "negatives", "negative_mask", "example_mask")
+BATCH_KEYS = ("query", "positive", "negatives", "negative_mask", "example_mask", "images", "row_index")
 
 
 def make_schedule(name: str, peak_lr: float, total_steps: int, warmup_ratio: float = 0.05):
@@ -138,6 +140,15 @@ class _Layout:
             return jax.lax.with_sharding_constraint(x, self.sharding(lead))
         return jax.tree.map(one, tree)
 
+    def local_take(self, states, index):
+        """states [D * M, ...] (M per batch shard), index [R] (local to each shard's M; -1 takes any) ->
+        [R, ...]: every row's own image states, gathered on its device."""
+        d = self.divisor if states.shape[0] % self.divisor == 0 and index.shape[0] % self.divisor == 0 else 1
+        states = self.constrain(states.reshape(d, -1, *states.shape[1:]))
+        index = self.constrain(jnp.maximum(index, 0).reshape(d, -1))
+        taken = jax.vmap(lambda s, i: jnp.take(s, i, axis=0))(states, index)
+        return self.constrain(taken.reshape(-1, *taken.shape[2:]))
+
     def replicate(self, x):
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec()))
 
@@ -153,9 +164,10 @@ class _Layout:
 def slot_groups(batch):
     """-> (inputs, row_ids): the query, positive and negative slots as separate model inputs [B, slots, ...].
 
-    Each group keeps its own sequence length and modality, so text-only targets never run the vision tower and
-    short targets are not padded to the queries' length. Row ids [B, slots] number the example-major rows
-    e * (2 + k) + slot, so dropout masks do not depend on grouping or chunking.
+    Each group keeps its own sequence length and modality, so text-only targets skip the cross-attention layers
+    and short targets are not padded to the queries' length. Row ids [B, slots] number the example-major rows
+    e * (2 + k) + slot, e being the example's `row_index` (its place in the global batch before the pipeline
+    balanced images over devices), so dropout masks do not depend on grouping, chunking or row order.
     """
     groups = [{key: value[:, None] for key, value in batch["query"].items()},
               {key: value[:, None] for key, value in batch["positive"].items()}]
@@ -165,7 +177,8 @@ def slot_groups(batch):
     b = groups[0]["input_ids"].shape[0]
     widths = [group["input_ids"].shape[1] for group in groups]
     offsets = [sum(widths[:i]) for i in range(len(widths))]
-    rows = [jnp.arange(b)[:, None] * sum(widths) + offset + jnp.arange(width)[None]
+    examples = batch["row_index"] if "row_index" in batch else jnp.arange(b)
+    rows = [examples[:, None] * sum(widths) + offset + jnp.arange(width)[None]
             for offset, width in zip(offsets, widths)]
     return tuple(groups), tuple(rows)
 
@@ -226,10 +239,15 @@ def make_loss_and_grad(graphdef, mesh, *, temperature=0.02, chunk_size=None, con
     [0, G), [G, 2G), ...), averaged over all queries; None: one InfoNCE over the whole global batch."""
     layout = _Layout(mesh, load_rules() if rules is None else rules)
 
-    def encode(trainable, frozen, groups, rows, rng):
-        """Slot groups [b, slots_g, ...] -> embeddings [b, 2 + k, D]. Groups with the same input signature (keys,
-        trailing shapes, dtypes) share one model call; the others get their own."""
+    def encode(trainable, frozen, groups, rows, images, rng):
+        """Slot groups [b, slots_g, ...] and their images -> embeddings [b, 2 + k, D]. Groups with the same input
+        signature (keys, trailing shapes, dtypes) share one model call; the others get their own."""
         model = nnx.merge(graphdef, trainable, frozen)
+        states = None
+        if images is not None:
+            lora.seed_dropout(model, rng, images["row_id"])  # an image's dropout follows its text row's id
+            states = layout.constrain(model.vision_states(
+                *(layout.constrain(images[key]) for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"))))
         calls = {}
         for index, inputs in enumerate(groups):
             signature = tuple(sorted((key, value.shape[2:], value.dtype.name) for key, value in inputs.items()))
@@ -238,8 +256,13 @@ def make_loss_and_grad(graphdef, mesh, *, temperature=0.02, chunk_size=None, con
         for members in calls.values():
             inputs = {key: jnp.concatenate([groups[i][key] for i in members], axis=1) for key in groups[members[0]]}
             row_ids = jnp.concatenate([rows[i] for i in members], axis=1)
+            inputs = layout.constrain(_flat(inputs))
+            index = inputs.pop("image_index", None)
+            if index is not None and states is None:
+                raise ValueError("a slot group has image_index but the batch has no images")
+            cross = None if index is None else layout.local_take(states, index)
             lora.seed_dropout(model, rng, row_ids.reshape(-1))
-            embeddings = layout.constrain(model.embed(layout.constrain(_flat(inputs))))
+            embeddings = layout.constrain(model.embed(inputs, cross))
             splits = list(itertools.accumulate(rows[i].shape[1] for i in members))[:-1]
             for i, part in zip(members, jnp.split(embeddings.reshape(*row_ids.shape, -1), splits, axis=1)):
                 out[i] = part
@@ -247,9 +270,10 @@ def make_loss_and_grad(graphdef, mesh, *, temperature=0.02, chunk_size=None, con
 
     def plain(trainable, frozen, batch, rng):
         groups, rows = slot_groups(batch)
+        images = jax.tree.map(lambda x: x[0], batch["images"]) if "images" in batch else None
 
         def loss_fn(t):
-            return _contrastive(layout, encode(t, frozen, groups, rows, rng), batch, temperature,
+            return _contrastive(layout, encode(t, frozen, groups, rows, images, rng), batch, temperature,
                                 contrastive_group)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -262,7 +286,8 @@ def make_loss_and_grad(graphdef, mesh, *, temperature=0.02, chunk_size=None, con
         n_chunks = b // chunk_size
         def to_chunks(x):
             return layout.constrain(_to_chunks(x, n_chunks), lead=1)
-        chunks = jax.tree.map(to_chunks, (groups, rows))
+        images = layout.constrain(batch["images"], lead=1) if "images" in batch else None
+        chunks = jax.tree.map(to_chunks, (groups, rows)) + (images,)
         constant = jax.lax.stop_gradient(trainable)
 
         def forward(chunk):
@@ -274,8 +299,8 @@ def make_loss_and_grad(graphdef, mesh, *, temperature=0.02, chunk_size=None, con
             has_aux=True)(embeddings)
 
         def backward(acc, chunk):
-            (groups, rows), grad = chunk
-            _, vjp = jax.vjp(lambda t: encode(t, frozen, groups, rows, rng), trainable)
+            (groups, rows, images), grad = chunk
+            _, vjp = jax.vjp(lambda t: encode(t, frozen, groups, rows, images, rng), trainable)
             return jax.tree.map(jnp.add, acc, vjp(grad)[0]), None
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
@@ -298,9 +323,10 @@ class TrainStep:
         self.graphdef, self.optimizer, self.mesh = graphdef, optimizer, mesh
         self.rules = load_rules() if rules is None else rules
         self.layout = _Layout(mesh, self.rules)
+        self.chunk_size = chunk_size
         self.loss_and_grad = make_loss_and_grad(graphdef, mesh, temperature=temperature, chunk_size=chunk_size,
                                                 contrastive_group=contrastive_group, rules=self.rules)
-        self._jitted = None
+        self._jitted = {}
 
     def _update(self, state, batch, rng):
         (loss, metrics), grads = self.loss_and_grad(state.trainable, state.frozen, batch, rng)
@@ -328,21 +354,40 @@ class TrainStep:
         b = selected["query"]["input_ids"].shape[0]
         if b % self.layout.divisor:
             raise ValueError(f"global batch {b} is not divisible by the mesh's batch shards ({self.layout.divisor})")
+        if "images" in selected:
+            shape = selected["images"]["row_id"].shape
+            want = 1 if self.chunk_size is None else b // self.chunk_size
+            if len(shape) != 2 or shape[0] != want or shape[1] % self.layout.divisor:
+                raise ValueError(f"images are packed as {shape} (chunks, images); this step needs {want} "
+                                 f"chunk(s) of a multiple of the mesh's {self.layout.divisor} batch shards "
+                                 f"(pack with mme5_jax.data.images.ImageLayout(shards=<batch shards per process>, "
+                                 f"chunks={want}))")
         return selected
 
-    def jitted(self, state):
-        if self._jitted is None:
+    def jitted(self, state, batch):
+        """The step compiled for this batch's keys (images or not); `batch` as `_select` returns it."""
+        key = tuple(sorted(batch))
+        if key not in self._jitted:
             shardings = train_state_shardings(state, self.mesh, self.rules)
             replicated = NamedSharding(self.mesh, PartitionSpec())
-            self._jitted = jax.jit(self._update, in_shardings=(shardings, self.layout.sharding(), replicated),
-                                   out_shardings=(shardings, replicated), donate_argnums=0)
-        return self._jitted
+            inputs = batch_shardings(batch, self.mesh, self.rules)
+            self._jitted[key] = jax.jit(self._update, in_shardings=(shardings, inputs, replicated),
+                                        out_shardings=(shardings, replicated), donate_argnums=0)
+        return self._jitted[key]
 
     def lower(self, state, batch, rng):
+        batch = self._select(batch)
         with jax.set_mesh(self.mesh):  # attention reads the mesh to keep its row blocks on their devices
-            return self.jitted(state).lower(state, self._select(batch), rng)
+            return self.jitted(state, batch).lower(state, batch, rng)
 
     def __call__(self, state, batch, rng):
+        batch = self._select(batch)
         with jax.set_mesh(self.mesh):
-            return self.jitted(state)(state, self._select(batch), rng)
+            return self.jitted(state, batch)(state, batch, rng)
+
+
+def batch_shardings(batch, mesh, rules=None):
+    """Shardings for a step batch (a prefix tree of it): rows split over the batch axes; packed `images` split
+    along their second dimension (the first counts GradCache chunks)."""
+    return {key: batch_sharding(mesh, rules, lead=1 if key == "images" else 0) for key in batch}
 

@@ -13,10 +13,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mme5_jax.bench.runner import synthetic_batch
 from mme5_jax.config import ModelConfig
+from mme5_jax.data.images import ImageLayout
 from mme5_jax.model import layers, lora, text, vision
 from mme5_jax.model.init import random_model
-from mme5_jax.sharding import batch_rows, batch_sharding, make_mesh
-from mme5_jax.train_step import TrainStep, init_train_state
+from mme5_jax.sharding import batch_divisor, batch_rows, batch_sharding, make_mesh
+from mme5_jax.train_step import TrainStep, batch_shardings, init_train_state
 from test_attention import masks
 
 KINDS = ["none", "causal", "padding_pair", "tile"]
@@ -176,7 +177,8 @@ def test_train_step_gathers_no_attention_rows(monkeypatch):
     lora.add_adapters(model, lora.AdapterConfig(kind="lora", rank=4, alpha=8.0, dropout=0.0), nnx.Rngs(0))
     graphdef, state = init_train_state(model, optax.sgd(1.0), mesh)
     shape = dict(pairs=8, negatives=1, query_tokens=16, query_tiles=4, target_tokens=8, target_tiles=0)
-    batch = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh)), synthetic_batch({"batch": shape}, cfg))
+    batch = synthetic_batch({"batch": shape}, cfg, layout=ImageLayout(shards=batch_divisor(mesh)))
+    batch = jax.device_put(batch, batch_shardings(batch, mesh))
     with jax.set_mesh(mesh):
         hlo = TrainStep(graphdef, optax.sgd(1.0), mesh).lower(state, batch, jax.random.PRNGKey(0)).compile().as_text()
     assert len({q for q, _ in calls}) >= 3 and trip_counts(hlo)

@@ -20,16 +20,18 @@ def _process_main(rank, port, processor_dir, record_dir, out_path):
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank)
-    from mme5_jax.data.pipeline import PipelineConfig, load_processor, make_dataset, to_global_batch
+    from mme5_jax.data.pipeline import PipelineConfig, image_layout, load_processor, make_dataset, to_global_batch
 
     config = PipelineConfig(processor_dir=processor_dir, global_batch_size=GLOBAL_BATCH, max_length=128,
                             length_buckets=(24, 32, 48, 64), seed=7)
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     pad = load_processor(processor_dir, "processor", 128, 89_478_485).pad_token_id
-    seen, local_lengths, global_shapes = [], [], []
+    seen, local_lengths, global_shapes, local_images, global_images = [], [], [], [], []
     for host in make_dataset(config, [record_dir], process_index=jax.process_index(),
-                             process_count=jax.process_count()):
+                             process_count=jax.process_count(), layout=image_layout(mesh, GLOBAL_BATCH)):
         batch = to_global_batch(host, mesh, pad)
+        local_images.append(host["images"]["row_id"].shape[2])
+        global_images.append(list(batch["images"]["row_id"].shape))
         shards = sorted(batch["record_index"].addressable_shards, key=lambda s: s.index[0].start)
         local_rows = np.concatenate([np.asarray(s.data) for s in shards])
         assert sorted(local_rows.tolist()) == sorted(host["record_index"].tolist())
@@ -38,7 +40,8 @@ def _process_main(rank, port, processor_dir, record_dir, out_path):
         global_shapes.append(list(batch["negatives"]["input_ids"].shape))
     with open(out_path, "w") as f:
         json.dump({"process_index": jax.process_index(), "devices": jax.device_count(), "seen": seen,
-                   "local_lengths": local_lengths, "global_shapes": global_shapes}, f)
+                   "local_lengths": local_lengths, "global_shapes": global_shapes, "local_images": local_images,
+                   "global_images": global_images}, f)
     jax.distributed.shutdown()
 
 
@@ -80,6 +83,10 @@ def test_two_processes_see_disjoint_shares_of_the_epoch(tmp_path):
     # buckets chosen per process can differ; the global batch takes the longer one
     for shape, la, lb in zip(results[0]["global_shapes"], results[0]["local_lengths"], results[1]["local_lengths"]):
         assert shape[2] == max(la, lb)
+    # so do the images per device: every device of the global batch holds the larger count
+    for shape, ma, mb in zip(results[0]["global_images"], results[0]["local_images"], results[1]["local_images"]):
+        assert shape == [1, 8 * max(ma, mb)]
+    assert results[0]["global_images"] == results[1]["global_images"]
 
 
 if __name__ == "__main__":

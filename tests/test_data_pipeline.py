@@ -10,7 +10,8 @@ from PIL import Image
 from assets import make_processor_dir
 from mme5_jax.data.demo import build_demo_dataset
 from mme5_jax.data.mixture import RecordSet
-from mme5_jax.data.pipeline import (BadExampleError, PipelineConfig, make_dataset, problem_report,
+from mme5_jax.data.images import IMAGE_KEYS
+from mme5_jax.data.pipeline import (BadExampleError, PipelineConfig, image_layout, make_dataset, problem_report,
                                     to_global_batch)
 from mme5_jax.processing import MllamaInputProcessor
 from mme5_jax.records import encode_record, read_records
@@ -62,7 +63,10 @@ def test_batches_equal_the_processor_and_have_static_shapes(processor_dir, demo)
     for batch in batches:
         length = batch["query"]["input_ids"].shape[1]
         assert length in (32, 64, 128)
-        assert batch["query"]["pixel_values"].shape == (8, 1, 4, 3, TILE, TILE)
+        images = batch["images"]
+        assert images["pixel_values"].shape[:2] == (1, 1) and images["pixel_values"].shape[3:] == (4, 3, TILE, TILE)
+        real = sum(int((batch[g]["image_index"] >= 0).sum()) for g in ("query", "positive", "negatives"))
+        assert images["row_id"].shape[2] == -(-real // 4) * 4  # one cell: the real images, to a multiple of 4
         assert batch["negatives"]["input_ids"].shape == (8, 3, length)
         assert batch["negatives"]["cross_attention_mask"].shape == (8, 3, length, 1, 4)
         for row, index in enumerate(batch["record_index"]):
@@ -79,9 +83,16 @@ def test_batches_equal_the_processor_and_have_static_shapes(processor_dir, demo)
                         "negatives": processor(negatives, pad_to=length)}
             for group, arrays in expected.items():
                 for key, value in arrays.items():
+                    if key in IMAGE_KEYS:
+                        continue
                     got = batch[group][key][row]
                     np.testing.assert_array_equal(got, value if group == "negatives" else value[0],
                                                   err_msg=f"{record['id']} {group} {key}")
+                for slot, index in enumerate(np.atleast_1d(batch[group]["image_index"][row])):
+                    assert (index >= 0) == arrays["has_image"][slot], (record["id"], group, slot)
+                    for key in IMAGE_KEYS if index >= 0 else ():
+                        np.testing.assert_array_equal(images[key][0, 0, index], arrays[key][slot, 0],
+                                                      err_msg=f"{record['id']} {group} {key}")
             seen_padded |= len(record["neg_text"]) < 3
         seen_text_only |= (~batch["query"]["has_image"]).any() and batch["query"]["has_image"].any()
     assert seen_text_only and seen_padded
@@ -199,7 +210,10 @@ def test_bad_input_is_counted_by_reason_and_masked(processor_dir, bad_set):
     # the record whose first negative image is 0 bytes keeps its good negative, repeated to fill k
     last = next(b for b in kept if b["record_index"][0] == 17)
     assert last["negatives"]["has_image"].all() and last["negative_mask"].all()
-    np.testing.assert_array_equal(last["negatives"]["pixel_values"][0, 0], last["negatives"]["pixel_values"][0, 2])
+    first, third = last["negatives"]["image_index"][0, [0, 2]]
+    assert first != third  # two slots, two packed copies of the same image
+    pixels = last["images"]["pixel_values"][0, 0]
+    np.testing.assert_array_equal(pixels[first], pixels[third])
 
 
 def test_raise_policy_names_the_record(processor_dir, bad_set):
@@ -213,11 +227,27 @@ def test_global_batch_on_a_mesh(processor_dir, demo):
     import jax
 
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    host = next(iter(make_dataset(config(processor_dir), [demo["train"]])))
+    layout = image_layout(mesh, 8)
+    host = next(iter(make_dataset(config(processor_dir), [demo["train"]], layout=layout)))
     pad = MllamaInputProcessor.from_pretrained(processor_dir).pad_token_id
+    with pytest.raises(ValueError, match="packed for another mesh"):
+        to_global_batch(next(iter(make_dataset(config(processor_dir), [demo["train"]]))), mesh, pad)
     batch = to_global_batch(host, mesh, pad)
     assert batch["negatives"]["input_ids"].shape == host["negatives"]["input_ids"].shape
-    assert batch["query"]["pixel_values"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    assert batch["images"]["pixel_values"].sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"))
+    assert batch["query"]["image_index"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    # Each device holds its rows' images: a row's image_index points into its own shard of `images`.
+    per_device = batch["images"]["row_id"].shape[1] // 8
+    row_ids = np.asarray(batch["images"]["row_id"])
+    checked = 0
+    for r in range(8):
+        for group in ("query", "negatives"):
+            for slot, index in enumerate(np.atleast_1d(host[group]["image_index"][r])):
+                if index >= 0:
+                    slot_id = 0 if group == "query" else 2 + slot
+                    assert row_ids[0, r * per_device + index] == host["row_index"][r] * 5 + slot_id
+                    checked += 1
+    assert checked
     assert len(batch["query"]["input_ids"].addressable_shards) == 8
     np.testing.assert_array_equal(np.asarray(batch["positive"]["input_ids"]), host["positive"]["input_ids"])
 

@@ -136,6 +136,14 @@ def test_costs_and_roofline(plans, key):
     assert plan["versions"]["libtpu"] and "not a measurement" in plan["note"]
 
 
+def test_training_plan_packs_the_expected_real_images(plans):
+    """8 pairs, chunk 4, 4 chips: one example per chip and chunk, with mmE5's 6/7 + 5/14 x 2 = 1.57 images per
+    example (k = 1) -> 2, rounded up to data.image_count_multiple (4)."""
+    w = plans["v6e"]["workload"]
+    assert w["images_per_example"] == pytest.approx(6 / 7 + 5 / 14 * 2)
+    assert w["images_per_chip_and_chunk"] == 4
+
+
 def test_flops_per_chip_halve_from_4_to_8_chips(plans):
     four, eight = plans["v5p4"], plans["v5p8"]
     assert (four["mesh"]["data"], eight["mesh"]["data"]) == (4, 8)
@@ -161,6 +169,31 @@ def test_search_pairs_finds_the_boundary(tmp_path):
     assert best["workload"]["rows"] == max(fitting)
     assert missing and min(missing) == max(fitting) + 4  # one more pair on each of the 4 chips
     assert all(p["peak"] <= best["memory_per_chip"]["budget"] for p in probes if p["fits"])
+
+
+def test_keeping_attention_outputs_skips_the_recomputed_splash_forward(tmp_path):
+    """Under full remat the backward recomputes every layer's forward, splash kernels included; keeping their
+    outputs (full_keep_attention) leaves GradCache's pass and the differentiated pass as the only forwards.
+    The fused backward shows as one dk/dv kernel of 5 matmuls a block, no dq kernel."""
+    from mme5_jax.plan.cli import plan_once
+    from mme5_jax.plan.workload import load_workload
+
+    def kernels(remat):
+        work = load_workload(_write(tmp_path, f"{remat}.yaml", {**BENCH, "remat": remat}))
+        return plan_once(work, parse_topology("v5p:2x2x1"), "train", 0.9, progress=False)["cost_per_chip"][
+            "pallas_kernels"]
+
+    def forwards(found):
+        return sum(v["calls"] for name, v in found.items() if "_fwd" in name)
+
+    full, kept = kernels("full"), kernels("full_keep_attention")
+    backward = {name: v for name, v in full.items() if "_dkv" in name}
+    assert backward and not [name for name in full if "_dq" in name]
+    assert forwards(full) == 3 * sum(v["calls"] for v in backward.values())  # GradCache, differentiated, remat
+    assert forwards(kept) == 2 * sum(v["calls"] for name, v in kept.items() if "_dkv" in name)
+    fwd = next(v for name, v in full.items() if "_fwd" in name and "_no_residuals" in name)
+    dkv = next(iter(backward.values()))
+    assert dkv["flops"] / dkv["calls"] == pytest.approx(2.5 * fwd["flops"] / fwd["calls"])  # 5 matmuls against 2
 
 
 def test_embed_step(tmp_path):

@@ -50,7 +50,10 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(inputs, monkeypat
     def poisoned(host_batch, mesh, pad_token_id):
         calls.append(1)
         if len(calls) >= 3:
-            host_batch["query"]["pixel_values"] = np.full_like(host_batch["query"]["pixel_values"], np.nan)
+            images = host_batch["images"]
+            assert images["pixel_values"].size  # the demo's batches all hold images
+            poison = np.full_like(images["pixel_values"], np.nan)
+            host_batch = dict(host_batch, images=dict(images, pixel_values=poison))
         return to_global_batch(host_batch, mesh, pad_token_id)
 
     monkeypatch.setattr(pipeline, "to_global_batch", poisoned)

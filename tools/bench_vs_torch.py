@@ -127,10 +127,10 @@ def torch_only(args, config):
     import torch
 
     from mme5_jax.bench.peaks import table_peak
-    from mme5_jax.bench.runner import config_step_flops, model_config, synthetic_batch
+    from mme5_jax.bench.runner import config_step_flops, model_config, synthetic_rows
 
     cfg = model_config(config)
-    step, params = torch_step_fn(config, cfg, synthetic_batch(config, cfg, config["seed"]), args.threads,
+    step, params = torch_step_fn(config, cfg, synthetic_rows(config, cfg, config["seed"]), args.threads,
                                  args.device, args.gradient_checkpointing)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     peak_memory = torch.cuda.max_memory_allocated if args.device == "cuda" else (lambda: None)
@@ -194,10 +194,10 @@ def alternate(args, config):
     """Both sides in this process, steps alternating; -> the result dict with the speed-up."""
     from tqdm import tqdm
 
-    from mme5_jax.bench.runner import synthetic_batch
+    from mme5_jax.bench.runner import synthetic_rows
 
     cfg, jax_step, compile_s, jax_params = jax_step_fn(config)
-    host_batch = synthetic_batch(config, cfg, config["seed"])
+    host_batch = synthetic_rows(config, cfg, config["seed"])
     torch_step, torch_params = torch_step_fn(config, cfg, host_batch, args.threads)
     if jax_params != torch_params:
         raise SystemExit(f"trainable parameter counts differ: ours {jax_params}, torch {torch_params}")

@@ -121,9 +121,9 @@ def hf_step_seconds(config, cfg, threads, steps):
     """Median of `steps` HF + PEFT steps after one warmup step (tools/bench_vs_torch.py's torch side)."""
     from bench_vs_torch import timed, torch_step_fn
 
-    from mme5_jax.bench.runner import synthetic_batch
+    from mme5_jax.bench.runner import synthetic_rows
 
-    step, _ = torch_step_fn(config, cfg, synthetic_batch(config, cfg, config["seed"]), threads)
+    step, _ = torch_step_fn(config, cfg, synthetic_rows(config, cfg, config["seed"]), threads)
     step()
     return statistics.median(timed(step)[0] for _ in range(steps))
 

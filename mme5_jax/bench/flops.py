@@ -28,17 +28,26 @@ import jax
 from mme5_jax.config import ModelConfig
 from mme5_jax.model.vision import local_segments
 
-REMAT_RECOMPUTE = {"none": (), "full": ("dense", "attention", "lora", "dora"), "dots": (),
+REMAT_RECOMPUTE = {"none": (), "full": ("dense", "attention", "lora", "dora"),
+                   "full_keep_attention": ("dense", "lora", "dora"), "dots": (),
                    "dots_no_batch": ("attention",)}
 
 
 @dataclass(frozen=True)
 class Encode:
-    """One forward of the model over `batch` sequences of `seq_len` tokens; `tiles` > 0: each with one image."""
+    """One forward of the model over `batch` sequences of `seq_len` tokens. `tiles` > 0: the rows see images of
+    `tiles` tiles, `images` of them real (default: one per row). The vision tower encodes the real images only, as
+    the train step does; the cross-attention layers run over every row, and count as model work for the rows with
+    an image."""
 
     batch: int
     seq_len: int
     tiles: int = 0
+    images: int | None = None
+
+    @property
+    def real_images(self) -> int:
+        return self.batch if self.images is None else self.images
 
 
 @dataclass
@@ -182,9 +191,15 @@ class _Walk:
         """The ops of one embedding forward -> whether the embeddings carry gradient."""
         g_vision, vision_tokens = False, 0
         if call.tiles:
-            g_vision = self.vision(call.batch, call.tiles)
+            if call.real_images:
+                g_vision = self.vision(call.real_images, call.tiles)
             vision_tokens = call.tiles * self.cfg.vision.num_patches
-        return self.text(call.batch, call.seq_len, vision_tokens, g_vision)
+        start = len(self.ops)
+        grad = self.text(call.batch, call.seq_len, vision_tokens, g_vision)
+        for op in self.ops[start:]:
+            if op.part == "text_cross":  # rows without an image keep their input (HF): executed, not model work
+                op.kept *= call.real_images / call.batch
+        return grad
 
 
 _CROSS_LINEARS = ("cross_attn.q_proj", "cross_attn.k_proj", "cross_attn.v_proj", "cross_attn.o_proj",

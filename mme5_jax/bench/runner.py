@@ -126,9 +126,10 @@ def config_step_flops(config, cfg):
                       dropout_active=True)
 
 
-def synthetic_batch(config, cfg, seed=0) -> dict:
-    """A host batch shaped like the Grain pipeline's: query, positive and negatives [B, k, ...] (absent when k is
-    0), each group at its own length; a group without tiles carries no image arrays, as text-only inputs do."""
+def synthetic_rows(config, cfg, seed=0) -> dict:
+    """A host batch with one image array per row, as the processor gives them (and as a torch peer takes them):
+    query, positive and negatives [B, k, ...] (absent when k is 0), each group at its own length; a group without
+    tiles carries no image arrays, as text-only inputs do."""
     b = config["batch"]
     rng = np.random.default_rng(seed)
     n, k = b["pairs"], b["negatives"]
@@ -158,6 +159,14 @@ def synthetic_batch(config, cfg, seed=0) -> dict:
     return batch
 
 
+def synthetic_batch(config, cfg, seed=0, layout=None) -> dict:
+    """`synthetic_rows` with its images packed for the train step (`mme5_jax.data.images`), by default for one
+    device and no GradCache."""
+    from mme5_jax.data.images import ImageLayout, pack_rows
+
+    return pack_rows(synthetic_rows(config, cfg, seed), layout or ImageLayout())
+
+
 def select_devices(config):
     """The devices of the benchmark's mesh; on CPU, JAX starts with `mesh.cpu_devices` host devices unless it is up
     already (e.g. in tests), and then uses what it has."""
@@ -184,8 +193,9 @@ def build(config):
 
     from mme5_jax.model import lora
     from mme5_jax.model.init import random_model
-    from mme5_jax.sharding import batch_sharding, make_mesh
-    from mme5_jax.train_step import TrainStep, init_train_state, make_optimizer
+    from mme5_jax.data.images import ImageLayout
+    from mme5_jax.sharding import batch_divisor, make_mesh
+    from mme5_jax.train_step import TrainStep, batch_shardings, init_train_state, make_optimizer
 
     cfg = model_config(config)
     devices = select_devices(config)
@@ -198,8 +208,9 @@ def build(config):
     graphdef, state = init_train_state(model, optimizer, mesh)
     del model
     step = TrainStep(graphdef, optimizer, mesh, temperature=t["temperature"], chunk_size=t["chunk_size"])
-    batch = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh)),
-                         synthetic_batch(config, cfg, config["seed"]))
+    chunks = 1 if t["chunk_size"] is None else config["batch"]["pairs"] // t["chunk_size"]
+    batch = synthetic_batch(config, cfg, config["seed"], ImageLayout(shards=batch_divisor(mesh), chunks=chunks))
+    batch = jax.device_put(batch, batch_shardings(batch, mesh))
     return cfg, mesh, step, state, batch
 
 

@@ -17,13 +17,16 @@ Every example passes through `MllamaInputProcessor`, the same code as the `Embed
 the inputs inference will. Rejections are counted by reason in the counting stage's checkpointable state, so
 "skipped" is visible instead of silent.
 
-Workers send only the real image tiles of an example (text-only items and repeated negatives cost nothing);
-the batching step rebuilds the zero-padded `pixel_values`.
+Workers send only the real image tiles of an example (text-only items and repeated negatives cost nothing), and
+the batching step packs the real images per device and GradCache chunk (`mme5_jax.data.images`): text-only slots
+carry no pixels, and the step's vision tower encodes only the images that exist.
 
-A host batch is a dict of numpy arrays: `query` and `positive` hold the processor's arrays [B, ...],
-`negatives` the same with [B, k, ...], plus `negative_mask` [B, k], `example_mask`, `source_index` and
-`record_index` [B] (-1 for a rejected row). `to_global_batch` turns it into `jax.Array`s sharded over the mesh's
-batch axes.
+A host batch is a dict of numpy arrays: `query` and `positive` hold the processor's text arrays [B, ...]
+(`input_ids`, `attention_mask`, `cross_attention_mask`, `has_image`) and `image_index` [B], `negatives` the same
+with [B, k, ...], plus `negative_mask` [B, k], `example_mask`, `source_index` and `record_index` [B] (-1 for a
+rejected row), `row_index` [B] (each row's place in the global batch: rows are reordered within a process to
+even out images per device) and `images` (packed pixel arrays). `to_global_batch` turns it into `jax.Array`s
+sharded over the mesh's batch axes.
 """
 import dataclasses
 import functools
@@ -35,6 +38,8 @@ import grain
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mme5_jax.data.images import IMAGE_KEYS, ImageLayout, drop_unused_images, group_slots, pack_batch, \
+    step_images, widen
 from mme5_jax.processing import DEFAULT_MAX_IMAGE_PIXELS, BadItemError, MllamaInputProcessor, bucket_for
 from mme5_jax.data.mixture import RecordSet, open_mixture
 from mme5_jax.data.pipeline_config import POLICIES, PipelineConfig
@@ -183,40 +188,40 @@ def placeholder_example(processor, num_negatives):
 
 
 class CollateBuckets:
-    """Stack examples into one batch padded to the smallest length bucket that holds its longest row.
+    """Stack examples into one batch padded to the smallest length bucket that holds its longest row, and pack
+    their real images as `layout` says (see `mme5_jax.data.images`); a rejected example becomes `placeholder`.
 
-    Each example's items are placed into the query, positive and negative slots, and their tiles into
-    zeroed `pixel_values` of `max_image_tiles` tiles; a rejected example becomes `placeholder`.
-    """
+    `row_offset` is the global batch row of this process's first row."""
 
-    def __init__(self, buckets, pad_token_id, max_image_tiles, placeholder):
+    def __init__(self, buckets, pad_token_id, max_image_tiles, placeholder, layout=ImageLayout(), row_offset=0):
         self.buckets = buckets
         self.pad_token_id = pad_token_id
         self.max_image_tiles = max_image_tiles
         self.placeholder = placeholder
+        self.layout = layout
+        self.row_offset = row_offset
 
     def __call__(self, examples):
         examples = [self.placeholder if "rejected" in ex else ex for ex in examples]
         length = bucket_for(self.buckets, max(int(ex["items"]["attention_mask"].sum(axis=1).max()) for ex in examples))
-        k = len(examples[0]["slots"]) - 2
-        tile_shape = self.placeholder["tiles"].shape[1:]
-        pixels = np.zeros((len(examples), 2 + k, 1, self.max_image_tiles, *tile_shape), dtype=np.float32)
-        fields = {key: [] for key in examples[0]["items"]}
-        for b, ex in enumerate(examples):
-            for key, value in ex["items"].items():
+        fields = {key: [] for key in examples[0]["items"] if key not in IMAGE_KEYS}
+        images = []
+        for ex in examples:
+            for key in fields:
+                value = ex["items"][key]
                 value = _pad_length(value, key, length, self.pad_token_id, 1) if key in TEXT_KEYS else value
                 fields[key].append(value[ex["slots"]])
             starts = np.concatenate([[0], np.cumsum(ex["num_tiles"])])
-            for slot, item in enumerate(ex["slots"]):
-                pixels[b, slot, 0, :ex["num_tiles"][item]] = ex["tiles"][starts[item]:starts[item + 1]]
+            images.append([(ex["tiles"][starts[item]:starts[item + 1]], int(ex["items"]["aspect_ratio_ids"][item, 0]))
+                           if ex["num_tiles"][item] else None for item in ex["slots"]])
         stacked = {key: np.stack(values) for key, values in fields.items()}
-        stacked["pixel_values"] = pixels
         batch = {"query": {key: value[:, 0] for key, value in stacked.items()},
                  "positive": {key: value[:, 1] for key, value in stacked.items()},
-                 "negatives": {key: value[:, 2:] for key, value in stacked.items()}}
+                 "negatives": {key: value[:, 2:] for key, value in stacked.items()},
+                 "row_index": self.row_offset + np.arange(len(examples))}
         for key in ROW_KEYS:
             batch[key] = np.stack([ex[key] for ex in examples])
-        return batch
+        return pack_batch(batch, images, self.layout, self.placeholder["tiles"].shape[1:], self.max_image_tiles)
 
 
 class CountRejectsIterDataset(grain.IterDataset):
@@ -303,9 +308,10 @@ def problem_report(iterator):
     return {"rejected": dict(sorted(counter.rejected.items())), "notes": dict(sorted(counter.notes.items()))}
 
 
-def make_dataset(config, record_sets, process_index=0, process_count=1, position=0):
+def make_dataset(config, record_sets, process_index=0, process_count=1, position=0, layout=ImageLayout()):
     """The pipeline as a `grain.IterDataset` of host batches for one process, starting `position` entries into
-    the global order (see module docstring)."""
+    the global order (see module docstring). `layout` gives this process's batch shards and the step's GradCache
+    chunks (`image_layout`); its `multiple` comes from `config.image_count_multiple`."""
     if config.bad_input not in POLICIES:
         raise ValueError(f"bad_input must be one of {POLICIES}, got {config.bad_input!r}")
     if config.global_batch_size % process_count:
@@ -328,7 +334,8 @@ def make_dataset(config, record_sets, process_index=0, process_count=1, position
     processor = load_processor(config.processor_dir, config.bos, config.max_length,
                                config.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS)
     collate = CollateBuckets(config.buckets(), processor.pad_token_id, processor.max_image_tiles,
-                             placeholder_example(processor, config.num_negatives))
+                             placeholder_example(processor, config.num_negatives),
+                             dataclasses.replace(layout, multiple=config.image_count_multiple), process_index * rows)
     return ds.batch(rows, drop_remainder=True, batch_fn=collate)
 
 
@@ -351,31 +358,62 @@ def _use_default_absl_flags():
         flags.FLAGS.mark_as_parsed()
 
 
+def image_layout(mesh, global_batch_size, chunk_size=None, contrastive_group=None, rules=None, process_count=None):
+    """How this process's rows meet the train step on `mesh`: its share of the batch shards, and the GradCache
+    chunks. Rows are balanced over devices unless InfoNCE groups consecutive rows."""
+    import jax
+
+    from mme5_jax.sharding import batch_divisor
+
+    process_count = jax.process_count() if process_count is None else process_count
+    shards = batch_divisor(mesh, rules)
+    if shards % process_count:
+        raise ValueError(f"the mesh's {shards} batch shards do not split over {process_count} processes")
+    chunks = 1 if chunk_size is None else global_batch_size // chunk_size
+    return ImageLayout(shards=shards // process_count, chunks=chunks, balance=contrastive_group is None)
+
+
 def to_global_batch(host_batch, mesh, pad_token_id, rules=None):
     """Host batches of all processes -> one global batch of `jax.Array`s, rows split as the rules table says.
 
-    Processes may have picked different length buckets; they agree on the longest first (one tiny
-    all-gather), so every process contributes the same shape.
-    """
+    Processes may have picked different length buckets and image counts; they agree on the longest, the most
+    images per device, and which slot groups hold any image (one tiny all-gather), so every process contributes
+    the same shapes. Groups without an image anywhere run text-only."""
     import jax
     from jax.experimental import multihost_utils
 
-    from mme5_jax.sharding import batch_sharding
+    from mme5_jax.sharding import batch_divisor, batch_sharding
 
     sharding = batch_sharding(mesh, rules)
-    length = host_batch["query"]["input_ids"].shape[-1]
+    shards = batch_divisor(mesh, rules) // jax.process_count()
+    groups = [name for name, _ in group_slots(host_batch)]
+    images = host_batch.get("images")
+    if images is None:
+        raise ValueError("the host batch has no packed `images`; make it with make_dataset or "
+                         "mme5_jax.data.images.pack_batch")
+    if images["row_id"].shape[1] != shards:
+        raise ValueError(f"the host batch's images are packed for another mesh: {images['row_id'].shape[1]} batch "
+                         f"shards, but this process holds {shards} (make_dataset(..., layout=image_layout(mesh, ...)))")
+    shape = [host_batch["query"]["input_ids"].shape[-1], images["row_id"].shape[2]]
+    shape += [int("image_index" in host_batch[g] and (host_batch[g]["image_index"] >= 0).any()) for g in groups]
     if jax.process_count() > 1:
-        length = int(np.max(multihost_utils.process_allgather(np.int32(length))))
+        shape = np.max(multihost_utils.process_allgather(np.asarray(shape, np.int32)), axis=0).tolist()
+    length, per_cell, has = shape[0], shape[1], dict(zip(groups, shape[2:]))
+    if any(has.values()):
+        host_batch = dict(host_batch, images=step_images(widen(images, per_cell)))
+    host_batch = drop_unused_images(host_batch, has)
 
-    def put(key, array, axis):
+    def put(key, array, axis, lead=0):
         if key in TEXT_KEYS:
             array = _pad_length(array, key, length, pad_token_id, axis)
-        return jax.make_array_from_process_local_data(sharding, array)
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, rules, lead) if lead else sharding, array)
 
     out = {}
-    for group in ("query", "positive", "negatives"):
+    for group in groups:
         axis = 2 if group == "negatives" else 1
         out[group] = {key: put(key, value, axis) for key, value in host_batch[group].items()}
-    for key in ROW_KEYS:
+    for key in (*ROW_KEYS, "row_index"):
         out[key] = put(key, host_batch[key], None)
+    if "images" in host_batch:
+        out["images"] = {key: put(key, value, None, lead=1) for key, value in host_batch["images"].items()}
     return out

@@ -14,6 +14,10 @@ class PipelineConfig:
     `read_threads`/`read_buffer_size` bound the read-ahead in each process (main or worker); a buffered
     example holds the float32 tiles of its images (up to (2 + k) x max_image_tiles of them).
 
+    `image_count_multiple`: a batch's images are packed per device and GradCache chunk, their count per device
+    rounded up to this multiple, so that batches of similar content share one compiled step (each new count
+    compiles the step again; padding images cost vision work).
+
     `bad_input="skip"` drops an example with an unusable record, text or image and counts it by reason;
     `"raise"` stops with an error naming the record. A bad *negative* is dropped from its list either way
     (counted), as long as `drop_bad_negatives`; the list is then padded by repeating its last entry.
@@ -35,6 +39,7 @@ class PipelineConfig:
     drop_bad_negatives: bool = True
     max_text_chars: int = 20000
     max_image_pixels: int | None = None
+    image_count_multiple: int = 4
 
     def buckets(self):
         """Sorted bucket lengths, capped by and ending with `max_length`."""

@@ -11,10 +11,15 @@ INITS = ("hf", "lecun")
 
 # `remat` policies of the scanned layer stacks: name -> the jax.checkpoint_policies member that says what the
 # backward pass may keep (None: no rematerialisation; "full" recomputes every matmul, "dots" keeps them all,
-# "dots_no_batch" keeps those without batch dimensions, i.e. recomputes attention).
+# "dots_no_batch" keeps those without batch dimensions, i.e. recomputes attention). "full_keep_attention"
+# recomputes every matmul but keeps the splash attention kernels' outputs and log-sum-exps (`save_only_these_names`
+# of `ATTENTION_RESIDUALS`): their forward is the costliest part to recompute, their outputs small beside the
+# activations. It applies where splash runs (TPU); the blocked path saves nothing under it, as under "full".
 REMAT_POLICIES = {
     "none": None,
     "full": "nothing_saveable",
+    "full_keep_attention": "save_only_these_names",
     "dots": "dots_saveable",
     "dots_no_batch": "dots_with_no_batch_dims_saveable",
 }
+ATTENTION_RESIDUALS = "splash_attention_residuals"

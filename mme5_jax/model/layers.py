@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from mme5_jax.model import REMAT_POLICIES, splash
+from mme5_jax.model import ATTENTION_RESIDUALS, REMAT_POLICIES, splash
 from mme5_jax.model.masks import CausalMask, PaddingPairMask, TileMask
 from mme5_jax.sharding import batch_divisor, load_rules, logical_to_spec
 
@@ -351,5 +351,7 @@ class Stack(nnx.Module):
 
         if self.remat != "none":
             policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[self.remat])
+            if self.remat == "full_keep_attention":
+                policy = policy(ATTENTION_RESIDUALS)
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         return jax.lax.scan(body, x, state)

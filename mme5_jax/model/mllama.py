@@ -32,28 +32,30 @@ class MllamaModel(nnx.Module):
         self.language_model = TextModel(cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
 
     def vision_states(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
-        """Projected vision tokens [B, T*patches, D] for one image per sample (pixel_values [B,1,T,C,H,W])."""
-        if pixel_values.shape[1] != 1:
-            raise ValueError(f"exactly one image per sample is supported, got pixel_values {pixel_values.shape}")
-        features = self.vision_model(pixel_values[:, 0], aspect_ratio_ids[:, 0], aspect_ratio_mask[:, 0])
-        b, t, n, _ = features.shape
-        return self.multi_modal_projector(features).reshape(b, t * n, -1)
+        """Projected vision tokens [N, T*patches, D] of N images (pixel_values [N,T,C,H,W])."""
+        features = self.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        n, t, p, _ = features.shape
+        return self.multi_modal_projector(features).reshape(n, t * p, -1)
 
-    def __call__(self, batch: dict, collect: bool = False):
+    def __call__(self, batch: dict, collect: bool = False, cross_states=None):
         """Final-norm hidden states for a processed batch (keys as `MllamaInputProcessor` returns).
 
-        A batch without `pixel_values` runs text-only, skipping the vision tower and the cross-attention layers.
+        The images are one per row (`pixel_values` [B,1,T,C,H,W]), or already encoded: `cross_states` [B, T*patches,
+        D] from `vision_states`, as the train step passes them. A batch with neither runs text-only, skipping the
+        vision tower and the cross-attention layers.
         """
-        cross_states = None
-        if batch.get("pixel_values") is not None:
-            cross_states = self.vision_states(batch["pixel_values"], batch["aspect_ratio_ids"],
-                                              batch["aspect_ratio_mask"])
+        if cross_states is None and batch.get("pixel_values") is not None:
+            pixel_values = batch["pixel_values"]
+            if pixel_values.shape[1] != 1:
+                raise ValueError(f"exactly one image per sample is supported, got pixel_values {pixel_values.shape}")
+            cross_states = self.vision_states(pixel_values[:, 0], batch["aspect_ratio_ids"][:, 0],
+                                              batch["aspect_ratio_mask"][:, 0])
         return self.language_model(batch["input_ids"], batch["attention_mask"], cross_states,
                                    batch.get("cross_attention_mask"), batch.get("has_image"), collect=collect)
 
-    def embed(self, batch: dict):
+    def embed(self, batch: dict, cross_states=None):
         """mmE5 embedding: the final-norm state at the last non-pad token, L2-normalised in float32."""
-        return pool_last_token(self(batch), batch["attention_mask"])
+        return pool_last_token(self(batch, cross_states=cross_states), batch["attention_mask"])
 
 
 def pool_last_token(hidden, attention_mask):

@@ -7,8 +7,11 @@ is rewritten into that form, exactly:
 
 - `CausalMask` (text self-attention): the static causal mask, key padding as key ids 1 (valid) / 0 (padding).
 - `PaddingPairMask` (vision): HF masks a pair only when both are padding, so valid queries see every key and
-  padding queries see the valid keys only. That is no equality rule, so it takes two kernel calls, selected per row:
-  every query against all keys, and every query against the valid keys.
+  padding queries see the valid keys only. That is no equality rule, but it is a score bias: HF adds finfo.min
+  where both are padding. One spare lane of the padded head dim carries it: a padding query holds -2^30 there and
+  a padding key 1, so their score drops by 2^30 (its exponential is exactly 0 in float32) and every other score is
+  unchanged. One kernel call, as cheap as unmasked attention. A head dim that fills its lanes (no spare lane) takes
+  two calls instead, selected per row: every query against all keys, and every query against the valid keys.
 - `TileMask` (cross-attention): a row sees the tiles of its set, a row with an empty set sees every token. Rows
   with a set use ids: a query's id is its set as a bit field, a token's id the set of the rows that see its tile;
   exact when any two rows' non-empty sets are equal or disjoint (one image per sample, as this model's inputs
@@ -18,9 +21,10 @@ Sequences are padded to a multiple of 128 (padded keys get id -1 or 0, so no que
 multiple of 128 (zeros in q and k add nothing to a score; zero columns of v are sliced off the output). Scores,
 softmax and the output accumulator are float32 inside the kernel, as `layers.attention` keeps them.
 
-Only a row that sees no key at all differs from `layers.attention`: HF's finfo.min bias makes it the mean of all
-values, splash the mean of the blocks it visits. With the model's masks such a row exists only in a sample with no
-valid token (a left-padded or empty text, an image with no valid tile), and it is never a key another row sees.
+Only a row that sees no key at all may differ from `layers.attention`: HF's finfo.min bias makes it the mean of all
+values, splash the mean of the blocks it visits (the vision bias lane gives HF's mean). With the model's masks such
+a row exists only in a sample with no valid token (a left-padded or empty text, an image with no valid tile, as
+the packed batch's padding images are), and it is never a key another row sees.
 """
 import math
 
@@ -30,6 +34,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 from jax.sharding import PartitionSpec as P
 
+from mme5_jax.model import ATTENTION_RESIDUALS
 from mme5_jax.model.masks import CausalMask, PaddingPairMask, TileMask
 
 LANES = 128
@@ -38,6 +43,8 @@ LANES = 128
 BLOCK_CANDIDATES = (512, 384, 256, 128)
 # Segment ids are int32 and a query's id is its tile set as a bit field.
 MAX_TILES = 30
+# The vision bias lane: exact in bfloat16, and far below any score (|q.k| / sqrt(d) is tens at most).
+PADDING_PAIR_BIAS = -(2.0**30)
 
 
 def _round_up(n, multiple):
@@ -51,11 +58,13 @@ def _block(padded_len):
 def block_sizes(q_len, k_len):
     """-> (padded query length, padded key length, kernel BlockSizes): lengths rounded up to a multiple of 128
     (the kernel's lane width), and per sequence the largest candidate block that divides its padded length, so
-    padding never exceeds 127 positions. Forward and backward kernels use the same blocks."""
+    padding never exceeds 127 positions. Forward and backward kernels use the same blocks. The backward is one
+    fused kernel (dq with dk and dv): 5 matmuls a block instead of 3 + 4 in separate dq and dk/dv kernels, which
+    both recompute the scores and the probabilities' gradient."""
     q_pad, k_pad = _round_up(q_len, LANES), _round_up(k_len, LANES)
     bq, bkv = _block(q_pad), _block(k_pad)
     sizes = kernel_lib.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
-                                  block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+                                  block_kv_dkv=bkv, block_kv_dkv_compute=bkv, use_fused_bwd_kernel=True)
     return q_pad, k_pad, sizes
 
 
@@ -93,7 +102,8 @@ def _kernel(causal, heads, q_pad, k_pad, sizes, interpret):
     shape = (q_pad, k_pad)
     head_mask = mask_lib.CausalMask(shape) if causal else mask_lib.FullMask(shape)
     return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([head_mask] * heads), block_sizes=sizes,
-                                      head_shards=1, q_seq_shards=1, interpret=interpret)
+                                      head_shards=1, q_seq_shards=1, interpret=interpret,
+                                      residual_checkpoint_name=ATTENTION_RESIDUALS)
 
 
 def splash_attention(q, k, v, mask, *, interpret=False, placement=None):
@@ -156,6 +166,11 @@ def _local_attention(q, k, v, mask, interpret):
         out = run(everything)
     elif isinstance(mask, CausalMask):
         out = run(ids(mask.key_valid, k_pad, 0), causal=True)
+    elif isinstance(mask, PaddingPairMask) and d_pad > head_dim:
+        lane = jnp.asarray(PADDING_PAIR_BIAS, q.dtype) * ids(mask.invalid, q_pad, 0).astype(q.dtype)
+        q = q.at[..., head_dim].set(lane[:, None, :])
+        k = k.at[..., head_dim].set(ids(mask.invalid, k_pad, 0).astype(k.dtype)[:, None, :])
+        out = run(everything)
     elif isinstance(mask, PaddingPairMask):
         padding = ids(mask.invalid, q_pad, 0).astype(bool)
         out = jnp.where(padding[:, None, :, None], run(ids(~mask.invalid, k_pad, 0)), run(everything))

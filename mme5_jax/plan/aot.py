@@ -58,47 +58,77 @@ def _abstract_model(work: Workload, adapters: bool):
     return nnx.eval_shape(build)
 
 
-def _slot(work: Workload, *lead):
-    """One slot group's arrays as the Grain pipeline collates them: text at the longest bucket, one image."""
+def _slot(work: Workload, *lead, pixels=True):
+    """One slot group's arrays as the pipeline gives them: text at the longest bucket; `pixels`: one image per row
+    (the embedder's layout), else an `image_index` into the packed images (the train step's)."""
     import jax
     import jax.numpy as jnp
 
     length, tiles, v = work.batch["length"], work.batch["tiles"], work.model.vision
     s = jax.ShapeDtypeStruct
-    return {"input_ids": s((*lead, length), jnp.int32), "attention_mask": s((*lead, length), jnp.int32),
-            "pixel_values": s((*lead, 1, tiles, v.num_channels, v.image_size, v.image_size), jnp.float32),
-            "aspect_ratio_ids": s((*lead, 1), jnp.int32), "aspect_ratio_mask": s((*lead, 1, tiles), jnp.int32),
-            "cross_attention_mask": s((*lead, length, 1, tiles), jnp.int32), "has_image": s(lead, jnp.bool_)}
+    out = {"input_ids": s((*lead, length), jnp.int32), "attention_mask": s((*lead, length), jnp.int32),
+           "cross_attention_mask": s((*lead, length, 1, tiles), jnp.int32), "has_image": s(lead, jnp.bool_)}
+    if pixels:
+        out.update(pixel_values=s((*lead, 1, tiles, v.num_channels, v.image_size, v.image_size), jnp.float32),
+                   aspect_ratio_ids=s((*lead, 1), jnp.int32), aspect_ratio_mask=s((*lead, 1, tiles), jnp.int32))
+    else:
+        out["image_index"] = s(lead, jnp.int32)
+    return out
+
+
+def _images(work: Workload, chunks: int, count: int, tiles: int):
+    import jax
+    import jax.numpy as jnp
+
+    v, s = work.model.vision, jax.ShapeDtypeStruct
+    return {"pixel_values": s((chunks, count, tiles, v.num_channels, v.image_size, v.image_size), jnp.float32),
+            "aspect_ratio_ids": s((chunks, count), jnp.int32), "row_id": s((chunks, count), jnp.int32),
+            "aspect_ratio_mask": s((chunks, count, tiles), jnp.int32)}
 
 
 def _bench_batch(work: Workload):
-    """The bench config's synthetic batch, built for one pair and widened to `pairs` as shapes."""
+    """The bench config's synthetic batch, built for one pair and widened to `pairs` as shapes (its rows are
+    alike, so every device and chunk holds the same number of images)."""
     import jax
 
     from mme5_jax.bench.runner import synthetic_batch
 
     one = synthetic_batch(work.config | {"batch": {**work.batch, "pairs": 1}}, work.model)
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((work.pairs, *a.shape[1:]), a.dtype), one)
+    images = one.pop("images", None)
+    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct((work.pairs, *a.shape[1:]), a.dtype), one)
+    if images is not None:
+        chunks = 1 if work.chunk_size is None else work.pairs // work.chunk_size
+        per_row = images["row_id"].shape[1]
+        batch["images"] = _images(work, chunks, per_row * work.pairs // chunks, images["pixel_values"].shape[2])
+    return batch
 
 
-def train_batch(work: Workload):
-    """The global batch the step sees, as shapes."""
+def train_batch(work: Workload, shards: int):
+    """The global batch the step sees on `shards` batch shards, as shapes."""
     import jax
     import jax.numpy as jnp
 
     if work.kind == "bench":
         return _bench_batch(work)
     b, k = work.pairs, work.negatives
-    batch = {"query": _slot(work, b), "positive": _slot(work, b)}
+    chunks = 1 if work.chunk_size is None else b // work.chunk_size
+    batch = {"query": _slot(work, b, pixels=False), "positive": _slot(work, b, pixels=False),
+             "row_index": jax.ShapeDtypeStruct((b,), jnp.int32),
+             "images": _images(work, chunks, shards * work.images_per_cell(shards), work.batch["tiles"])}
     if k:
-        batch.update(negatives=_slot(work, b, k), negative_mask=jax.ShapeDtypeStruct((b, k), jnp.bool_))
+        batch.update(negatives=_slot(work, b, k, pixels=False), negative_mask=jax.ShapeDtypeStruct((b, k), jnp.bool_))
     return batch
 
 
 def embed_batch(work: Workload, rows: int):
     """One embedding batch: `rows` items at the longest bucket with an image (bench: the query group's shape)."""
+    import jax
+
+    from mme5_jax.bench.runner import synthetic_rows
+
     if work.kind == "bench":
-        return _bench_batch(work.with_pairs(rows))["query"]
+        one = synthetic_rows(work.config | {"batch": {**work.batch, "pairs": 1}}, work.model)["query"]
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct((rows, *a.shape[1:]), a.dtype), one)
     return _slot(work, rows)
 
 
@@ -117,8 +147,9 @@ def lower_train(work: Workload, mesh):
 
     from mme5_jax.model import lora
     from mme5_jax.model.layers import target_platform
-    from mme5_jax.sharding import batch_sharding
-    from mme5_jax.train_step import BATCH_KEYS, TrainState, TrainStep, make_optimizer, train_state_shardings
+    from mme5_jax.sharding import batch_divisor
+    from mme5_jax.train_step import BATCH_KEYS, TrainState, TrainStep, batch_shardings, make_optimizer, \
+        train_state_shardings
 
     optimizer = make_optimizer(lambda step: jnp.float32(work.lr), **work.optimizer)
     graphdef, trainable, frozen = nnx.split(_abstract_model(work, adapters=True), lora.LoRAParam, ...)
@@ -127,8 +158,9 @@ def lower_train(work: Workload, mesh):
     state = _place(state, train_state_shardings(state, mesh))
     step = TrainStep(graphdef, optimizer, mesh, temperature=work.temperature, chunk_size=work.chunk_size,
                      contrastive_group=work.contrastive_group)
-    batch = train_batch(work)
-    batch = _place(batch, jax.tree.map(lambda _: batch_sharding(mesh), batch))
+    batch = train_batch(work, batch_divisor(mesh))
+    shardings = batch_shardings(batch, mesh)
+    batch = _place(batch, jax.tree.map(lambda sharding, sub: jax.tree.map(lambda _: sharding, sub), shardings, batch))
     rng = jax.eval_shape(lambda: jax.random.key(0))
     with target_platform("tpu"):
         lowered = step.lower(state, batch, rng)

@@ -41,6 +41,10 @@ def add_arguments(parser):
     parser.add_argument("--hbm-fraction", type=float, default=0.9,
                         help="share of the chip's HBM a plan may use to count as fitting (default 0.9: the runtime "
                              "and fragmentation take the rest)")
+    parser.add_argument("--image-shares", default=None, metavar="QUERY,TARGET",
+                        help="training configs: the shares of queries and of targets (hard negatives alike) that carry "
+                             "an image, which size the packed image batch (default: mmE5's synthetic mix, "
+                             "0.857,0.357; 1,1 is the upper bound, an image in every slot)")
     parser.add_argument("--output", default="plan.json", help="where to write the plan (default plan.json)")
     parser.add_argument("--hlo", default=None, metavar="PATH",
                         help="also write the compiled program's HLO text there (what the FLOPs and bytes walk reads)")
@@ -135,6 +139,8 @@ def run(args):
     command = ["mme5", "plan", *sys.argv[2:]] if sys.argv[1:2] == ["plan"] else None
     try:
         work = load_workload(args.config, args.overrides)
+        if args.image_shares is not None:
+            work = work.with_image_shares(parse_shares(args.image_shares))
         if args.search:
             plan, probes = search(work, topology, args.search, args.step, args.hbm_fraction,
                                   args.max_pairs_per_chip, not args.no_progress, command)
@@ -155,6 +161,18 @@ def run(args):
     print(format_table(plan))
     print(f"wrote {args.output}")
     return 0
+
+
+def parse_shares(text):
+    from mme5_jax.plan.aot import PlanError
+
+    try:
+        shares = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        shares = ()
+    if len(shares) != 2 or not all(0 <= x <= 1 for x in shares):
+        raise PlanError(f"--image-shares {text!r}: give two shares in [0, 1], e.g. 0.857,0.357")
+    return shares
 
 
 def _write(path, plan):

@@ -244,8 +244,9 @@ def kernel_name(instr):
 
 def _kernel_flops(comp, instr) -> float:
     """A splash attention kernel's matmul FLOPs from its q and k operands [..., heads, length, head_dim]: the
-    forward runs 2 matmuls (scores, probs x values), the dq kernel 3, the dk/dv kernel 4, over every block (an
-    upper bound: splash skips fully masked blocks). Other kernels carry no cost model here: 0."""
+    forward runs 2 matmuls (scores, probs x values), the dq kernel 3, the dk/dv kernel 4 and the fused backward
+    (dk/dv with dq as a third output) 5, over every block (an upper bound: splash skips fully masked blocks).
+    Other kernels carry no cost model here: 0."""
     name = kernel_name(instr) or ""
     m = re.match(r"splash_\w+?_(fwd|dq|dkv)", name)
     if not m:
@@ -256,6 +257,8 @@ def _kernel_flops(comp, instr) -> float:
         return 0.0
     q, k = floats[0], floats[1]
     matmuls = {"fwd": 2, "dq": 3, "dkv": 4}[m.group(1)]
+    if m.group(1) == "dkv" and len(re.findall(r"(?:f|bf)\d+\[", instr.type)) >= 5:
+        matmuls = 5  # fused: dq's partial sums join dk, dv and their two accumulators among the outputs
     return 2.0 * matmuls * math.prod(q[:-1]) * k[-2] * q[-1]
 
 

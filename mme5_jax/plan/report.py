@@ -59,6 +59,12 @@ def warnings(work: Workload, mesh, step: str) -> list:
     return []
 
 
+def _images(work: Workload, mesh) -> dict:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    return {"image_shares": list(work.image_shares), "images_per_example": work.images_per_example(),
+            "images_per_chip_and_chunk": work.images_per_cell(shards)}
+
+
 def make_plan(work: Workload, topology: Topology, result: Compiled, step: str, hbm_fraction: float,
               rows: int, command=None) -> dict:
     compiled, chips = result.compiled, topology.chips
@@ -81,7 +87,8 @@ def make_plan(work: Workload, topology: Topology, result: Compiled, step: str, h
         "workload": {"kind": work.kind, "rows": rows, "rows_per_chip": rows / chips,
                      "chunk_size": work.chunk_size if step == "train" else None,
                      "negatives": work.negatives if step == "train" else 0, "dtype": work.dtype,
-                     "remat": work.remat, "adapter": work.adapter.kind if step == "train" else None},
+                     "remat": work.remat, "adapter": work.adapter.kind if step == "train" else None,
+                     **(_images(work, result.mesh) if step == "train" and work.kind == "train" else {})},
         "memory_per_chip": memory(compiled, topology, hbm_fraction),
         "argument_bytes_of_inputs": result.argument_bytes_expected,
         "cost_per_chip": {"flops": cost.flops, "transcendentals": cost.transcendentals,
@@ -121,7 +128,9 @@ def format_table(plan: dict) -> str:
         ("step", f"{plan['step']} on {t['name']} ({t['libtpu_name']}, {t['chips']} x {t['device_kind']}), mesh "
                  + " x ".join(f"{k}={v}" for k, v in plan["mesh"].items())),
         ("batch", f"{w['rows']} {'pairs' if plan['step'] == 'train' else 'rows'} ({w['rows_per_chip']:g} per chip)"
-                  + (f", GradCache chunk {w['chunk_size']}" if w.get("chunk_size") else "")),
+                  + (f", GradCache chunk {w['chunk_size']}" if w.get("chunk_size") else "")
+                  + (f", {w['images_per_chip_and_chunk']} images per chip and chunk ({w['images_per_example']:.3g} "
+                     f"per example)" if "images_per_chip_and_chunk" in w else "")),
         ("memory per chip", f"peak {b['peak']} of {b['hbm']} HBM (budget {100 * m['hbm_fraction']:.3g}%: "
                             f"{b['budget']}) -> {'FITS' if m['fits'] else 'DOES NOT FIT'}, margin {b['margin']}"),
         ("  parts", f"arguments {b['arguments']}, outputs {b['outputs']} (aliased {b['aliased']}), temporaries "

@@ -2,15 +2,23 @@
 
 Both reduce to one `Workload`: the model, its dtype and remat, the adapters, the step's settings, the mesh axes,
 and the global batch as the step sees it. A training config's batch has the Grain pipeline's layout: every slot
-(query, positive, k negatives) padded to `data.max_length` with a `max_num_tiles` image, so they share one model
-call. A bench config's batch is its synthetic one (each group at its own length and tiles).
+(query, positive, k negatives) padded to `data.max_length`, so they share one model call, and the real images
+packed per device and GradCache chunk at `max_num_tiles` tiles. How many images there are is data: the plan takes
+the shares of queries and of targets that carry an image (`image_shares`), by default those of mmE5's synthetic
+mix. A bench config's batch is its synthetic one (each group at its own length and tiles).
 """
 import dataclasses
+import math
 import os
 
 from mme5_jax import yaml_config
 from mme5_jax.configs import config_path
 from mme5_jax.model.lora_config import AdapterConfig
+
+# mmE5's synthetic mix: classification : VQA : retrieval = 1 : 1 : 2, retrieval's 7 modality pairs alike. Queries
+# carry an image in classification (I, IT), VQA (IT) and 5 of 7 retrieval pairs: 1/4 + 1/4 + 5/14 = 6/7. Targets
+# (and their hard negatives) in 5 of 7 retrieval pairs (T->IT, T->I, I->I, IT->I, IT->IT): 5/14.
+MME5_IMAGE_SHARES = (6 / 7, 5 / 14)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +39,28 @@ class Workload:
     batch: dict                    # bench: the bench config's `batch` section; train: {"length", "tiles"}
     embed_rows: int                # rows of one `mme5 eval` / `mme5 embed` batch
     config: dict                   # the resolved config, as plan.json records it
+    image_shares: tuple = MME5_IMAGE_SHARES  # train: shares of queries and of targets with an image
+
+    def images_per_example(self) -> float:
+        query, target = self.image_shares
+        return query + target * (1 + self.negatives)
+
+    def images_per_cell(self, shards: int) -> int:
+        """Packed images per device and GradCache chunk (the pipeline's M): the cell's expected real images,
+        rounded up to `data.image_count_multiple`."""
+        chunks = 1 if self.chunk_size is None else self.pairs // self.chunk_size
+        expected = math.ceil(self.pairs // (shards * chunks) * self.images_per_example())
+        multiple = self.batch["image_multiple"]
+        return -(-expected // multiple) * multiple
 
     def with_pairs(self, pairs):
         return dataclasses.replace(self, pairs=pairs)
 
     def with_chunk(self, chunk_size):
         return dataclasses.replace(self, chunk_size=chunk_size)
+
+    def with_image_shares(self, shares):
+        return dataclasses.replace(self, image_shares=tuple(shares))
 
 
 def is_bench_config(name: str) -> bool:
@@ -86,7 +110,8 @@ def _from_train(name, overrides):
                     contrastive_group=t.contrastive_group, temperature=t.temperature,
                     optimizer={"weight_decay": t.weight_decay, "b1": t.b1, "b2": t.b2, "eps": t.eps,
                                "clip_norm": t.clip_norm},
-                    lr=t.lr, batch={"length": d.max_length, "tiles": cfg.vision.max_num_tiles},
+                    lr=t.lr, batch={"length": d.max_length, "tiles": cfg.vision.max_num_tiles,
+                                    "image_multiple": d.image_count_multiple},
                     embed_rows=config.eval.batch_size, config=config.to_dict())
 
 
@@ -97,7 +122,9 @@ def flops_calls(work: Workload):
 
     if work.kind == "bench":
         return bench_calls(work.config | {"batch": {**work.batch, "pairs": work.pairs}}, work.model)
-    return [Encode(work.pairs * (2 + work.negatives), work.batch["length"], work.batch["tiles"])]
+    rows = work.pairs * (2 + work.negatives)
+    images = round(work.pairs * work.images_per_example())
+    return [Encode(rows, work.batch["length"], work.batch["tiles"], images=images)]
 
 
 def embed_call(work: Workload, rows: int):

@@ -80,6 +80,7 @@ class DataSection:
     num_workers: int = _PIPELINE["num_workers"]
     read_threads: int = _PIPELINE["read_threads"]
     bad_input: str = _PIPELINE["bad_input"]
+    image_count_multiple: int = _PIPELINE["image_count_multiple"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +186,8 @@ _RULES = yaml_config.Rules(
     positive=frozenset({"adapter.rank", "data.global_batch_size", "data.max_length", "train.steps", "train.epochs",
                         "train.contrastive_group", "train.temperature", "checkpoint.every_steps", "checkpoint.keep",
                         "log.every_steps", "eval.max_examples", "eval.batch_size", "mesh.cpu_devices",
-                        "train.chunk_size", "distributed.num_processes", "train.clip_norm"}),
+                        "train.chunk_size", "distributed.num_processes", "train.clip_norm",
+                        "data.image_count_multiple"}),
     non_negative=frozenset({"train.lr", "train.weight_decay", "train.warmup_ratio", "adapter.dropout",
                             "data.num_workers", "data.num_negatives", "train.max_nonfinite_steps",
                             "distributed.process_id", "adapter.alpha"}))

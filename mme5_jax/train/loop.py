@@ -59,8 +59,9 @@ def train(config):
 
     data_config = build.pipeline_config(config)
     position = 0 if resumed is None else resumed.position
+    layout = pipeline.image_layout(mesh, batch_size, t.chunk_size, t.contrastive_group)
     iterator = iter(pipeline.make_dataset(data_config, build.train_record_sets(config), jax.process_index(),
-                                          jax.process_count(), position=position))
+                                          jax.process_count(), position=position, layout=layout))
     pad_token_id = build.pad_token_id(data_config)
     if resumed is not None:
         state = run_checkpoints.restore(start, state)
@@ -97,8 +98,9 @@ def train(config):
             for step in range(start, t.steps):
                 host_batch = next(iterator)
                 batch = pipeline.to_global_batch(host_batch, mesh, pad_token_id)
-                if config.log.example_ids:
-                    metrics_log.write(step + 1, "examples", {key: _global_rows(batch[key]).tolist()
+                if config.log.example_ids:  # in global batch order (the pipeline balances images over devices)
+                    order = np.argsort(_global_rows(batch["row_index"]))
+                    metrics_log.write(step + 1, "examples", {key: _global_rows(batch[key])[order].tolist()
                                                              for key in ("source_index", "record_index")})
                 state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
                 step_log.add(step, metrics, _tokens(host_batch))
