@@ -211,3 +211,21 @@ def test_cpu_ceiling_prices_each_part_at_its_best_rate(config_path, tmp_path):
     assert result["ceiling_s"]["best"] <= result["ceiling_s"]["xla"]
     assert result["max_speedup"]["xla"] == pytest.approx(result["hf_step_s"] / xla)
     assert result["attention_shape"] == [4, 4 * cfg.vision.padded_num_patches, 2, 32]
+
+
+def test_per_tower_remat_recomputes_only_the_vision_tower():
+    """`vision_keep_attention_text_dots`: the vision tower recomputes its matmuls, the text decoder keeps them."""
+    from mme5_jax.model.layers import Stack
+
+    cfg = model_config({"model": SMALL_MODEL})
+    adapter = adapter_config({"adapter": {"kind": "dora", "rank": 8, "alpha": 16, "dropout": 0.0, "targets": None}})
+    calls = [Encode(4, 32, 4), Encode(4, 16, 0)]
+
+    def recompute(remat):
+        return step_flops(cfg, calls, adapter, num_queries=4, remat=remat).breakdown["hardware_only/remat_recompute"]
+
+    combined, vision_and_text = recompute("vision_keep_attention_text_dots"), recompute("full_keep_attention")
+    assert 0 < combined < vision_and_text
+    model = nnx.eval_shape(lambda: MllamaModel(cfg, rngs=nnx.Rngs(0), remat="vision_keep_attention_text_dots"))
+    stacks = {path[0]: node.remat for path, node in nnx.iter_graph(model) if isinstance(node, Stack)}
+    assert stacks == {"vision_model": "full_keep_attention", "language_model": "dots"}

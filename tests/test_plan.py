@@ -127,6 +127,9 @@ def test_costs_and_roofline(plans, key):
     assert c["loop_bodies_once"]["flops"] == pytest.approx(c["xla_cost_analysis"]["flops"], rel=0.05)
     assert c["flops"] > 1.5 * c["loop_bodies_once"]["flops"]
     assert r["step_s"] == max(r["compute_s"], r["memory_s"]) > 0
+    # Every byte has a kind (float sums of the same terms in another order: 1e-9 is ample).
+    assert sum(c["bytes_by_kind"].values()) == pytest.approx(c["bytes_accessed"], rel=1e-9)
+    assert c["bytes_by_kind"]["matmul fusions"] > 0
     assert 0 < plan["model_flops"]["mfu_bound"] <= 1
     kernels = plan["attention_kernels"]
     assert set(kernels) == {"vision self-attention", "text self-attention", "cross-attention"}, kernels

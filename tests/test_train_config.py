@@ -45,7 +45,7 @@ def test_bare_names_and_includes_resolve_to_bundled_configs(tmp_path, monkeypatc
     assert load_config("demo.yaml").output_dir == "runs/x"   # a file in the cwd comes first
     shutil.copy(bundled_config("mme5_supervised.yaml"), tmp_path / "mine.yaml")
     assert load_config("mine.yaml").adapter.alpha == 64     # its include: [mme5_zero_shot.yaml] is the bundled one
-    with pytest.raises(TrainConfigError, match=r"include: .*mesh/zzz.yaml.*bundled in mesh/: 8xh100, v5p-64"):
+    with pytest.raises(TrainConfigError, match=r"include: .*mesh/zzz.yaml.*bundled in mesh/: 8xh100, v5p-256, v5p-64"):
         load_config("demo", ["include=mesh/zzz.yaml"])
 
 

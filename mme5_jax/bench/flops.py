@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import jax
 
 from mme5_jax.config import ModelConfig
+from mme5_jax.model import REMAT_CHOICES, tower_remat
 from mme5_jax.model.vision import local_segments
 
 REMAT_RECOMPUTE = {"none": (), "full": ("dense", "attention", "lora", "dora"),
@@ -222,8 +223,8 @@ def step_flops(cfg: ModelConfig, calls, adapter, *, num_queries: int, num_negati
     """FLOPs of one training step: the encoder `calls` (e.g. queries with images, positives text-only at their own
     lengths, as padded batches when the data is), InfoNCE over `num_queries` x (num_queries + k) logits, and the
     backward pass."""
-    if remat not in REMAT_RECOMPUTE:
-        raise ValueError(f"remat policy {remat!r} unknown; choose from {sorted(REMAT_RECOMPUTE)}")
+    if remat not in REMAT_CHOICES:
+        raise ValueError(f"remat policy {remat!r} unknown; choose from {sorted(REMAT_CHOICES)}")
     if adapter is None:
         raise ValueError("a training step needs an adapter config: without adapters nothing is trained")
     logits = 2.0 * num_queries * (num_queries + num_negatives) * cfg.text.hidden_size
@@ -235,8 +236,12 @@ def step_flops(cfg: ModelConfig, calls, adapter, *, num_queries: int, num_negati
     ops = walk.ops + [loss]
     model = _sum(ops, lambda op: (op.fwd + op.bwd) * op.kept)
     forward_executed = _sum(walk.ops, lambda op: op.fwd)
-    recompute_kinds = REMAT_RECOMPUTE[remat]
-    remat_extra = _sum(walk.ops, lambda op: op.fwd if op.recompute and op.kind in recompute_kinds else 0.0)
+    vision, text = (REMAT_RECOMPUTE[policy] for policy in tower_remat(remat))
+
+    def recomputed(op):
+        return op.recompute and op.kind in (vision if op.part in ("vision", "projector") else text)
+
+    remat_extra = _sum(walk.ops, lambda op: op.fwd if recomputed(op) else 0.0)
     grad_cache_extra = forward_executed if grad_cache else 0.0
     single_pass = _sum(ops, lambda op: op.fwd + op.bwd)
     hardware = single_pass + remat_extra + grad_cache_extra

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from mme5_jax import yaml_config
-from mme5_jax.model import DTYPES, REMAT_POLICIES
+from mme5_jax.model import DTYPES, REMAT_CHOICES
 from mme5_jax.model.lora_config import KINDS, AdapterConfig
 
 
@@ -76,7 +76,7 @@ class BenchConfig:
 
 
 _RULES = yaml_config.Rules(
-    choices={"dtype": DTYPES, "remat": tuple(REMAT_POLICIES), "adapter.kind": KINDS},
+    choices={"dtype": DTYPES, "remat": REMAT_CHOICES, "adapter.kind": KINDS},
     positive=frozenset({"batch.pairs", "batch.query_tokens", "batch.target_tokens", "bench.steps", "adapter.rank"}),
     non_negative=frozenset({"batch.query_tiles", "batch.target_tiles", "batch.negatives", "bench.warmup"}))
 

@@ -23,3 +23,13 @@ REMAT_POLICIES = {
     "dots_no_batch": "dots_with_no_batch_dims_saveable",
 }
 ATTENTION_RESIDUALS = "splash_attention_residuals"
+# Per-tower combinations: name -> (vision tower policy, text decoder policy). Per example the vision tower holds
+# about ten times the decoder's activations (4 tiles of 1025 patches against 256 tokens), so the decoder can keep
+# every matmul output where the tower cannot.
+REMAT_COMBINATIONS = {"vision_keep_attention_text_dots": ("full_keep_attention", "dots")}
+REMAT_CHOICES = (*REMAT_POLICIES, *REMAT_COMBINATIONS)
+
+
+def tower_remat(remat: str) -> tuple[str, str]:
+    """The (vision tower, text decoder) policies of a `remat` choice."""
+    return REMAT_COMBINATIONS.get(remat, (remat, remat))

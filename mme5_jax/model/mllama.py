@@ -4,7 +4,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mme5_jax.config import ModelConfig
-from mme5_jax.model import DTYPES
+from mme5_jax.model import DTYPES, tower_remat
 from mme5_jax.model.layers import Linear
 from mme5_jax.model.text import TextModel
 from mme5_jax.model.vision import VisionModel
@@ -25,11 +25,13 @@ class MllamaModel(nnx.Module):
         param_dtype = resolve_dtype(param_dtype) if param_dtype is not None else dtype
         self.cfg = cfg
         self.dtype = dtype
-        self.vision_model = VisionModel(cfg.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
+        vision_remat, text_remat = tower_remat(remat)
+        self.vision_model = VisionModel(cfg.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                        remat=vision_remat)
         self.multi_modal_projector = Linear(cfg.vision.vision_output_dim, cfg.text.hidden_size,
                                             ("vision_out", "embed"), bias=True, dtype=dtype,
                                             param_dtype=param_dtype, rngs=rngs)
-        self.language_model = TextModel(cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
+        self.language_model = TextModel(cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=text_remat)
 
     def vision_states(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
         """Projected vision tokens [N, T*patches, D] of N images (pixel_values [N,T,C,H,W])."""

@@ -12,7 +12,8 @@ whose count cannot be read is counted once and listed in `unknown_loops`.
 FLOPs: a dot or convolution costs 2 x output elements x contracted elements; elementwise ops one per output
 element, reductions one per input element; transcendentals are counted apart, as XLA does. Bytes: each
 instruction outside fusions reads its operands and writes its output, except that a fusion reading a parameter
-only through slices reads the slices, and an in-place dynamic-update-slice moves only its update.
+only through slices reads the slices, and an in-place dynamic-update-slice moves only its update. The bytes are
+also split by kind of instruction (`BYTE_KINDS`), so a memory-bound plan shows where its traffic goes.
 """
 import dataclasses
 import functools
@@ -40,6 +41,10 @@ NO_TRAFFIC = frozenset({"parameter", "constant", "tuple", "get-tuple-element", "
 COLLECTIVES = frozenset({"all-gather", "all-gather-start", "all-reduce", "all-reduce-start", "reduce-scatter",
                          "all-to-all", "collective-permute", "collective-permute-start", "ragged-all-to-all"})
 SLICES = frozenset({"dynamic-slice", "slice", "gather"})
+LAYOUT = frozenset({"copy", "copy-start", "transpose", "reshape", "broadcast"})
+MOVES = frozenset({"dynamic-slice", "slice", "gather", "dynamic-update-slice", "scatter", "pad", "concatenate"})
+BYTE_KINDS = ("matmul fusions", "attention kernels", "other fusions", "layout copies", "slices and updates",
+              "collectives", "other")
 
 
 @dataclasses.dataclass
@@ -48,12 +53,15 @@ class Cost:
     transcendentals: float = 0.0
     bytes: float = 0.0
     collective_bytes: float = 0.0
+    bytes_by_kind: dict = dataclasses.field(default_factory=dict)
 
     def add(self, other, times=1.0):
         self.flops += times * other.flops
         self.transcendentals += times * other.transcendentals
         self.bytes += times * other.bytes
         self.collective_bytes += times * other.collective_bytes
+        for kind, moved in other.bytes_by_kind.items():
+            self.bytes_by_kind[kind] = self.bytes_by_kind.get(kind, 0.0) + times * moved
 
 
 @dataclasses.dataclass
@@ -70,6 +78,7 @@ class HloCost:
     loops: list
     unknown_loops: list
     kernels: dict
+    bytes_by_kind: dict
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -176,6 +185,21 @@ class _Walker:
             self._users_cache[name] = users
         return self._users_cache[name]
 
+    def byte_kind(self, instr) -> str:
+        op = instr.opcode
+        if op in COLLECTIVES:
+            return "collectives"
+        if op == "custom-call":
+            return "attention kernels" if (kernel_name(instr) or "").startswith("splash") else "other"
+        if op == "fusion":
+            fused = self.computations[called(instr, "calls")].instrs.values()
+            return "matmul fusions" if any(i.opcode in ("dot", "convolution") for i in fused) else "other fusions"
+        if op in ("dot", "convolution"):
+            return "matmul fusions"
+        if op in LAYOUT:
+            return "layout copies"
+        return "slices and updates" if op in MOVES else "other"
+
     # --- control flow ------------------------------------------------------------------------------------------
     def walk(self, name, multiplier=1.0, once=False) -> Cost:
         """Cost of a computation run once; loops inside multiply by their trip count unless `once`."""
@@ -199,7 +223,8 @@ class _Walker:
                 entry = self.kernels.setdefault(kernel_name(instr), {"calls": 0.0, "flops": 0.0})
                 entry["calls"] += multiplier
                 entry["flops"] += multiplier * flops
-            cost.add(Cost(flops, transcendentals, moved, moved if instr.opcode in COLLECTIVES else 0.0))
+            cost.add(Cost(flops, transcendentals, moved, moved if instr.opcode in COLLECTIVES else 0.0,
+                          {self.byte_kind(instr): moved} if moved else {}))
         return cost
 
     def trip_count(self, comp, instr, multiplier) -> int:
@@ -355,7 +380,8 @@ def loop_aware_cost(hlo_text: str) -> HloCost:
     once = _Walker(computations, count_kernels=False).walk(entry, once=True)
     return HloCost(flops=full.flops, transcendentals=full.transcendentals, bytes_accessed=full.bytes,
                    collective_bytes=full.collective_bytes, flops_once=once.flops, bytes_once=once.bytes,
-                   loops=walker.loops, unknown_loops=walker.unknown, kernels=walker.kernels)
+                   loops=walker.loops, unknown_loops=walker.unknown, kernels=walker.kernels,
+                   bytes_by_kind={kind: full.bytes_by_kind.get(kind, 0.0) for kind in BYTE_KINDS})
 
 
 def xla_cost(compiled) -> dict:

@@ -7,7 +7,7 @@ import typing
 
 from mme5_jax import yaml_config
 from mme5_jax.data.pipeline_config import POLICIES, PipelineConfig
-from mme5_jax.model import DTYPES, INITS, REMAT_POLICIES
+from mme5_jax.model import DTYPES, INITS, REMAT_CHOICES
 from mme5_jax.model.lora_config import KINDS, AdapterConfig
 from mme5_jax.processing import BOS_MODES
 
@@ -180,7 +180,7 @@ class TrainConfig:
 
 
 _RULES = yaml_config.Rules(
-    choices={"model.dtype": DTYPES, "model.init": INITS, "model.remat": tuple(REMAT_POLICIES),
+    choices={"model.dtype": DTYPES, "model.init": INITS, "model.remat": REMAT_CHOICES,
              "adapter.kind": KINDS, "data.bos": BOS_MODES, "data.bad_input": POLICIES,
              "distributed.cpu_collectives": ("gloo", "mpi", "none")},
     positive=frozenset({"adapter.rank", "data.global_batch_size", "data.max_length", "train.steps", "train.epochs",
