@@ -23,6 +23,8 @@ import dataclasses
 import numpy as np
 
 IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+# What a slot group carries for its images; a group without any image drops them and runs text-only.
+IMAGE_SLOT_KEYS = ("image_index", "cross_attention_mask", "has_image")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,9 +165,6 @@ def drop_unused_images(batch, with_images=None):
     if not any("image_index" in out[name] for name, _ in group_slots(out)):
         out.pop("images", None)
     return out
-
-
-IMAGE_SLOT_KEYS = ("image_index", "cross_attention_mask", "has_image")
 
 
 def pack_rows(batch, layout: ImageLayout):

@@ -97,9 +97,9 @@ def _bench_batch(work: Workload):
     images = one.pop("images", None)
     batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct((work.pairs, *a.shape[1:]), a.dtype), one)
     if images is not None:
-        chunks = 1 if work.chunk_size is None else work.pairs // work.chunk_size
         per_row = images["row_id"].shape[1]
-        batch["images"] = _images(work, chunks, per_row * work.pairs // chunks, images["pixel_values"].shape[2])
+        batch["images"] = _images(work, work.chunks(), per_row * work.pairs // work.chunks(),
+                                  images["pixel_values"].shape[2])
     return batch
 
 
@@ -111,10 +111,9 @@ def train_batch(work: Workload, shards: int):
     if work.kind == "bench":
         return _bench_batch(work)
     b, k = work.pairs, work.negatives
-    chunks = 1 if work.chunk_size is None else b // work.chunk_size
     batch = {"query": _slot(work, b, pixels=False), "positive": _slot(work, b, pixels=False),
              "row_index": jax.ShapeDtypeStruct((b,), jnp.int32),
-             "images": _images(work, chunks, shards * work.images_per_cell(shards), work.batch["tiles"])}
+             "images": _images(work, work.chunks(), shards * work.images_per_cell(shards), work.batch["tiles"])}
     if k:
         batch.update(negatives=_slot(work, b, k, pixels=False), negative_mask=jax.ShapeDtypeStruct((b, k), jnp.bool_))
     return batch

@@ -45,11 +45,14 @@ class Workload:
         query, target = self.image_shares
         return query + target * (1 + self.negatives)
 
+    def chunks(self) -> int:
+        """GradCache chunks per step (1 without GradCache)."""
+        return 1 if self.chunk_size is None else self.pairs // self.chunk_size
+
     def images_per_cell(self, shards: int) -> int:
         """Packed images per device and GradCache chunk (the pipeline's M): the cell's expected real images,
         rounded up to `data.image_count_multiple`."""
-        chunks = 1 if self.chunk_size is None else self.pairs // self.chunk_size
-        expected = math.ceil(self.pairs // (shards * chunks) * self.images_per_example())
+        expected = math.ceil(self.pairs // (shards * self.chunks()) * self.images_per_example())
         multiple = self.batch["image_multiple"]
         return -(-expected // multiple) * multiple
 
