@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mme5_jax.loss import info_nce
 from mme5_jax.model import lora
+from mme5_jax.model.layers import scoped
 from mme5_jax.sharding import batch_divisor, batch_sharding, load_rules, state_shardings
 
 SCHEDULES = ("mme5", "cosine", "linear", "constant")
@@ -198,6 +199,7 @@ def _from_chunks(x):
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
+@scoped("loss")
 def _contrastive(layout, embeddings, batch, temperature, group=None):
     """embeddings [B, 2 + k, D] -> (loss, metrics); the queries stay sharded. `batch` supplies the masks.
 

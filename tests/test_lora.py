@@ -98,3 +98,25 @@ def test_bad_config_and_targets_are_named():
     model = nnx.eval_shape(lambda: MllamaModel(ModelConfig.from_yaml("tiny"), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="no Linear module matches"):
         lora.add_adapters(model, lora.AdapterConfig(targets=("nothing",)), nnx.Rngs(0))
+
+
+def test_dropout_keep_mask_rate_and_independence():
+    """The hashed keep mask keeps 1 - rate of each row (binomial bound), draws differently per key and per
+    element, and is a function of (key, position) alone."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(7), i))(jnp.arange(8))
+    rate, shape = 0.1, (96, 130)
+    mask = np.asarray(lora.keep_mask(keys, shape, rate))
+    n = np.prod(shape)
+    # 6 sigma of a binomial per row, and of the pooled share.
+    assert np.abs(mask.mean(axis=(1, 2)) - (1 - rate)).max() < 6 * np.sqrt(rate * (1 - rate) / n)
+    assert abs(mask.mean() - (1 - rate)) < 6 * np.sqrt(rate * (1 - rate) / (8 * n))
+    # Rows are independent: two rows agree where both keep or both drop, 1 - 2 rate (1 - rate) of the time.
+    agree = (mask[0] == mask[1]).mean()
+    assert abs(agree - (1 - 2 * rate * (1 - rate))) < 6 * np.sqrt(0.18 * 0.82 / n)
+    # Neighbouring elements are independent too: a dropped element's right neighbour is dropped at the base rate.
+    dropped = ~mask[:, :, :-1]
+    assert abs((~mask[:, :, 1:])[dropped].mean() - rate) < 6 * np.sqrt(rate * (1 - rate) / dropped.sum())
+    # Raw uint32 key data gives the same masks as typed keys; a prefix of the rows gives their masks.
+    np.testing.assert_array_equal(np.asarray(lora.keep_mask(jax.random.key_data(keys), shape, rate)), mask)
+    np.testing.assert_array_equal(np.asarray(lora.keep_mask(keys[3:5], shape, rate)), mask[3:5])
+    assert np.asarray(lora.keep_mask(keys, (7,), 0.0)).all()

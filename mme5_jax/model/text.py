@@ -10,7 +10,7 @@ from flax import nnx
 
 from mme5_jax.config import TextConfig
 from mme5_jax.model.layers import (ACTIVATIONS, Linear, RMSNorm, Stack, apply_rope, attention, param, rope_cos_sin,
-                                   rope_inv_freq)
+                                   rope_inv_freq, scoped)
 from mme5_jax.model.masks import CausalMask, TileMask
 
 
@@ -24,6 +24,7 @@ class SelfAttention(nnx.Module):
         self.o_proj = Linear(cfg.num_attention_heads * hd, d, ("heads", "embed"), **kw)
         self.head_dim = hd
 
+    @scoped("text_self_attn")
     def __call__(self, x, ctx):
         b, n, _ = x.shape
         def split(t):
@@ -45,6 +46,7 @@ class CrossAttention(nnx.Module):
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.head_dim = hd
 
+    @scoped("text_cross_attn")
     def __call__(self, x, ctx):
         vision = ctx["cross_states"]
         b, n, _ = x.shape
@@ -62,6 +64,7 @@ class MLP(nnx.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
         self.act = cfg.hidden_act
 
+    @scoped("text_mlp")
     def __call__(self, x):
         return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mme5_jax.config import VisionConfig
-from mme5_jax.model.layers import ACTIVATIONS, LayerNorm, Linear, Stack, attention, param
+from mme5_jax.model.layers import ACTIVATIONS, LayerNorm, Linear, Stack, attention, param, scoped
 from mme5_jax.model.masks import PaddingPairMask
 
 
@@ -23,6 +23,7 @@ class VisionAttention(nnx.Module):
         self.o_proj = Linear(d, d, ("heads", "embed"), **kw)
         self.num_heads = cfg.num_attention_heads
 
+    @scoped("vision_attn")
     def __call__(self, x, mask):
         b, n, _ = x.shape
         def split(t):
@@ -38,6 +39,7 @@ class VisionMLP(nnx.Module):
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
         self.act = cfg.hidden_act
 
+    @scoped("vision_mlp")
     def __call__(self, x):
         return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
 
@@ -68,7 +70,8 @@ class VisionLayer(nnx.Module):
 
 
 def local_segments(cfg: VisionConfig):
-    """Splits the local encoder at the intermediate-output layers, so each segment is one scan: [(start, stop)]."""
+    """Splits the local encoder at the intermediate-output layers: [(start, stop)]. The parameters hold one `Stack`
+    per segment (checkpoints and adapter paths name them); `Stack.chain` runs them as one scan."""
     bounds, start = [], 0
     for i in cfg.intermediate_layers_indices:
         bounds.append((start, i + 1))
@@ -137,10 +140,7 @@ class VisionModel(nnx.Module):
         valid = aspect_ratio_mask.astype(bool)[:, :, None] & (jnp.arange(n_pad) < n_patch)[None, None, :]
         mask = PaddingPairMask(~valid.reshape(b, t * n_pad))
 
-        intermediates = []
-        for segment in self.local_segments:
-            x, _ = segment(x, mask)
-            intermediates.append(x)
+        x, intermediates = Stack.chain(list(self.local_segments), x, mask)
         intermediates = intermediates[: len(cfg.intermediate_layers_indices)]
         x = self.layernorm_post(x)
         x = x.reshape(b, t, n_pad, d)

@@ -10,10 +10,13 @@ with a constant, the body adds a constant to that element, and the loop's input 
 whose count cannot be read is counted once and listed in `unknown_loops`.
 
 FLOPs: a dot or convolution costs 2 x output elements x contracted elements; elementwise ops one per output
-element, reductions one per input element; transcendentals are counted apart, as XLA does. Bytes: each
-instruction outside fusions reads its operands and writes its output, except that a fusion reading a parameter
-only through slices reads the slices, and an in-place dynamic-update-slice moves only its update. The bytes are
-also split by kind of instruction (`BYTE_KINDS`), so a memory-bound plan shows where its traffic goes.
+element, reductions one per input element; transcendentals are counted apart, as XLA does. Bytes count HBM
+traffic: each instruction outside fusions reads its operands and writes its output, except that a fusion reading
+a parameter only through slices reads the slices, an in-place dynamic-update-slice moves only its update, an
+async copy or slice moves its destination's size, and arrays that the TPU compiler placed in on-chip memory
+(a layout's memory space S(1) and up: VMEM, SMEM) move nothing through HBM. The bytes are
+also split by kind of instruction (`BYTE_KINDS`) and by the model's named scopes (the TOP_SOURCES largest), so a
+memory-bound plan shows where its traffic goes.
 """
 import dataclasses
 import functools
@@ -22,9 +25,15 @@ import re
 
 import numpy as np
 
-from mme5_jax.plan.hlo_text import array_bytes, called, dims, elements_of, parse_module
+from mme5_jax.plan.hlo_text import arrays, called, dims, elements_of, hbm_bytes, parse_module
 
 _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# Components of an op_name that JAX adds around a program's named scopes.
+_STRUCTURE = frozenset({"while", "body", "cond", "closed_call", "checkpoint", "remat", "rematted_computation", "pjit",
+                        "shard_map", "custom_jvp_call", "custom_vjp_call", "core_call"})
+# How many of the largest byte sources a cost lists.
+TOP_SOURCES = 15
 
 TRANSCENDENTAL = frozenset({"exponential", "exponential-minus-one", "log", "log-plus-one", "tanh", "logistic",
                             "sqrt", "rsqrt", "cbrt", "power", "sine", "cosine", "tan", "atan2", "erf"})
@@ -35,7 +44,7 @@ ELEMENTWISE = frozenset({"add", "subtract", "multiply", "divide", "remainder", "
                          "count-leading-zeros", "stochastic-convert"})
 # No memory traffic of their own: views, plumbing, and the second half of async pairs (the start moved the data).
 NO_TRAFFIC = frozenset({"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "conditional",
-                        "call", "after-all", "partition-id", "replica-id", "opt-barrier", "copy-done",
+                        "call", "after-all", "partition-id", "replica-id", "opt-barrier", "copy-done", "slice-done",
                         "call-done", "async-done", "all-gather-done", "all-reduce-done", "collective-permute-done",
                         "send-done", "recv-done", "iota"})
 COLLECTIVES = frozenset({"all-gather", "all-gather-start", "all-reduce", "all-reduce-start", "reduce-scatter",
@@ -54,6 +63,7 @@ class Cost:
     bytes: float = 0.0
     collective_bytes: float = 0.0
     bytes_by_kind: dict = dataclasses.field(default_factory=dict)
+    bytes_by_source: dict = dataclasses.field(default_factory=dict)
 
     def add(self, other, times=1.0):
         self.flops += times * other.flops
@@ -62,6 +72,8 @@ class Cost:
         self.collective_bytes += times * other.collective_bytes
         for kind, moved in other.bytes_by_kind.items():
             self.bytes_by_kind[kind] = self.bytes_by_kind.get(kind, 0.0) + times * moved
+        for source, moved in other.bytes_by_source.items():
+            self.bytes_by_source[source] = self.bytes_by_source.get(source, 0.0) + times * moved
 
 
 @dataclasses.dataclass
@@ -79,6 +91,7 @@ class HloCost:
     unknown_loops: list
     kernels: dict
     bytes_by_kind: dict
+    bytes_by_source: list
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -123,28 +136,44 @@ class _Walker:
 
     # --- bytes of one top-level instruction --------------------------------------------------------------------
     def instr_bytes(self, comp, instr) -> float:
+        """HBM bytes: reads of operands and writes of outputs that live in HBM (not in on-chip memories)."""
         op = instr.opcode
         if op in NO_TRAFFIC or (op == "custom-call" and 'custom_call_target="tpu_custom_call"' not in instr.attrs):
             return 0.0
         if op == "dynamic-update-slice":
-            return 2.0 * self._type_bytes(comp, instr.operands[1])
+            update = self._type_bytes(comp, instr.operands[1])
+            return update + (update if self._in_hbm(comp, instr.operands[0]) else 0.0)
         if op in ("dynamic-slice", "slice"):
-            return 2.0 * array_bytes(instr.type)
+            size, out_in_hbm = arrays(instr.type)[0]
+            return size * (self._in_hbm(comp, instr.operands[0]) + out_in_hbm)
+        if op == "copy-start":  # -> (destination, source, context): one copy between memories
+            size, out_in_hbm = arrays(instr.type)[0]
+            return self._type_bytes(comp, instr.operands[0]) + (size if out_in_hbm else 0.0)
+        if op == "slice-start":  # -> ((operands), slice, ...): reads the slice only
+            size, out_in_hbm = arrays(instr.type)[len(instr.operands)]
+            return size * (self._in_hbm(comp, instr.operands[0]) + out_in_hbm)
         if op == "fusion":
             return self._fusion_bytes(comp, instr)
-        return array_bytes(instr.type) + sum(self._type_bytes(comp, o) for o in instr.operands)
+        return hbm_bytes(instr.type) + sum(self._type_bytes(comp, o) for o in instr.operands)
 
     def _type_bytes(self, comp, name):
-        return array_bytes(comp.instrs[name].type) if name in comp.instrs else 0.0
+        return hbm_bytes(comp.instrs[name].type) if name in comp.instrs else 0.0
+
+    def _in_hbm(self, comp, name):
+        return name in comp.instrs and any(in_hbm for _, in_hbm in arrays(comp.instrs[name].type))
 
     def _fusion_bytes(self, comp, instr) -> float:
         fused = self.computations[called(instr, "calls")]
         root = fused.instrs[fused.root]
         outputs = [fused.instrs[o] for o in root.operands] if root.opcode == "tuple" else [root]
         in_place = {o.operands[0] for o in outputs if o.opcode == "dynamic-update-slice"}
-        total = sum(self._type_bytes(fused, o.operands[1]) if o.opcode == "dynamic-update-slice"
-                    else array_bytes(o.type) for o in outputs)
+        # Whether each output lives in HBM: from the fusion's own type, whose arrays are its outputs in order.
+        placed = arrays(instr.type)
+        total = sum((self._type_bytes(fused, o.operands[1]) if o.opcode == "dynamic-update-slice"
+                     else arrays(o.type)[0][0]) * placed[i][1] for i, o in enumerate(outputs) if i < len(placed))
         for index, operand in enumerate(instr.operands):
+            if not self._in_hbm(comp, operand):
+                continue
             read = self._param_read(fused, index, in_place)
             total += self._type_bytes(comp, operand) if read is None else read
         return total
@@ -160,7 +189,7 @@ class _Walker:
         total = 0.0
         for user, position in readers:
             if user.opcode in SLICES and position == 0:
-                total += array_bytes(user.type)
+                total += arrays(user.type)[0][0]
             elif user.opcode == "fusion":
                 nested = self._param_read(self.computations[called(user, "calls")], position)
                 if nested is None:
@@ -224,7 +253,8 @@ class _Walker:
                 entry["calls"] += multiplier
                 entry["flops"] += multiplier * flops
             cost.add(Cost(flops, transcendentals, moved, moved if instr.opcode in COLLECTIVES else 0.0,
-                          {self.byte_kind(instr): moved} if moved else {}))
+                          {self.byte_kind(instr): moved} if moved else {},
+                          {source_of(instr): moved} if moved else {}))
         return cost
 
     def trip_count(self, comp, instr, multiplier) -> int:
@@ -257,6 +287,20 @@ def _convolution_flops(comp, instr) -> float:
         total *= _valid_pairs(lhs[lhs_labels.index(digit)], rhs[rhs_labels.index(digit)],
                               out[out_labels.index(digit)], stride, low, lhs_dilate, rhs_dilate)
     return total
+
+
+def source_of(instr) -> str:
+    """The named scopes (`mme5_jax.model.layers.scoped`) and JAX primitive that an instruction (a fusion: its root)
+    came from, as XLA's metadata records them: "vision_attn/adapter/dot_general", with " (backward)" for ops
+    of the gradient; JAX's own layers of the name (jit, jvp, while/body, ...) are dropped."""
+    op_name = _OP_NAME.search(instr.attrs)
+    if op_name is None:
+        return instr.opcode
+    parts = op_name.group(1).split("/")
+    names = [p for p in parts[:-1] if "(" not in p and p not in _STRUCTURE and not p.startswith("branch_")]
+    names.append(re.sub(r"\[.*", "", parts[-1]))
+    name = "/".join(n for i, n in enumerate(names) if i == 0 or n != names[i - 1])
+    return name + (" (backward)" if any(p.startswith("transpose(") for p in parts) else "")
 
 
 def kernel_name(instr):
@@ -381,7 +425,10 @@ def loop_aware_cost(hlo_text: str) -> HloCost:
     return HloCost(flops=full.flops, transcendentals=full.transcendentals, bytes_accessed=full.bytes,
                    collective_bytes=full.collective_bytes, flops_once=once.flops, bytes_once=once.bytes,
                    loops=walker.loops, unknown_loops=walker.unknown, kernels=walker.kernels,
-                   bytes_by_kind={kind: full.bytes_by_kind.get(kind, 0.0) for kind in BYTE_KINDS})
+                   bytes_by_kind={kind: full.bytes_by_kind.get(kind, 0.0) for kind in BYTE_KINDS},
+                   bytes_by_source=[{"source": source, "bytes": moved, "share": moved / max(full.bytes, 1.0)}
+                                    for source, moved in sorted(full.bytes_by_source.items(),
+                                                                key=lambda kv: -kv[1])[:TOP_SOURCES]])
 
 
 def xla_cost(compiled) -> dict:

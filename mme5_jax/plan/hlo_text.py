@@ -10,15 +10,28 @@ import re
 _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([^\]]*)\]")
+_ARRAY_LAYOUT = re.compile(r"\b([a-z]+[0-9a-z]*)\[([^\]]*)\](\{[^}]*\})?")
+# A layout's memory space: S(0) (or none) is HBM; TPU programs place some buffers in on-chip memories (VMEM,
+# SMEM), S(1) and up, whose traffic is not HBM traffic.
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
 _HEADER = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{\s*$")
 _INSTR = re.compile(r"^\s*(ROOT )?%([\w.\-]+) = ")
 _END = re.compile(r"^\}, execution_thread=")
 _CALLED = re.compile(r"\b(calls|to_apply|body|condition)=%([\w.\-]+)")
 
 
-def array_bytes(type_text: str) -> float:
-    """Bytes of every array in an HLO type (a tuple's elements summed)."""
-    return float(sum(_DTYPE_BYTES.get(dtype, 0) * _elements(shape) for dtype, shape in _ARRAY.findall(type_text)))
+def arrays(type_text: str) -> list[tuple[float, bool]]:
+    """(bytes, in HBM) of every array in an HLO type, in order (a tuple's elements flattened)."""
+    out = []
+    for dtype, shape, layout in _ARRAY_LAYOUT.findall(type_text):
+        space = _MEMORY_SPACE.search(layout) if layout else None
+        out.append((float(_DTYPE_BYTES.get(dtype, 0) * _elements(shape)), space is None or space.group(1) == "0"))
+    return out
+
+
+def hbm_bytes(type_text: str) -> float:
+    """Bytes of the arrays of an HLO type that live in HBM."""
+    return sum(size for size, in_hbm in arrays(type_text) if in_hbm)
 
 
 def _elements(shape: str) -> int:

@@ -93,7 +93,7 @@ def make_plan(work: Workload, topology: Topology, result: Compiled, step: str, h
         "argument_bytes_of_inputs": result.argument_bytes_expected,
         "cost_per_chip": {"flops": cost.flops, "transcendentals": cost.transcendentals,
                           "bytes_accessed": cost.bytes_accessed, "collective_bytes": cost.collective_bytes,
-                          "bytes_by_kind": cost.bytes_by_kind,
+                          "bytes_by_kind": cost.bytes_by_kind, "bytes_by_source": cost.bytes_by_source,
                           "loops": cost.loops, "unknown_loops": cost.unknown_loops, "pallas_kernels": cost.kernels,
                           "loop_bodies_once": {"flops": cost.flops_once, "bytes_accessed": cost.bytes_once},
                           "xla_cost_analysis": xla_cost(compiled)},
@@ -142,6 +142,7 @@ def format_table(plan: dict) -> str:
         ("bytes per chip", f"{c['bytes_accessed']:.4g} HBM, {c['collective_bytes']:.4g} in collectives; "
                            + ", ".join(f"{kind} {100 * moved / max(c['bytes_accessed'], 1):.0f}%" for kind, moved
                                        in sorted(c["bytes_by_kind"].items(), key=lambda kv: -kv[1])[:4])),
+        ("  largest sources", "; ".join(f"{s['source']} {100 * s['share']:.0f}%" for s in c["bytes_by_source"][:3])),
         ("roofline step", f"{_ms(r['step_s'])} ({r['bound']}-bound: compute {_ms(r['compute_s'])}, memory "
                           f"{_ms(r['memory_s'])}); peaks: {r['peak_source']}"),
         ("model FLOPs", f"{f['per_step']:.4g} per step, {f['per_chip']:.4g} per chip -> MFU at most "
