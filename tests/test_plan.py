@@ -83,6 +83,32 @@ def test_loop_aware_flops_of_a_scan_of_matmuls():
     assert outer * layers * per_step <= cost.bytes_accessed <= 4 * outer * layers * per_step
 
 
+ON_CHIP_HLO = """HloModule m
+
+ENTRY %main (p0: bf16[1024,1024], p1: s8[4194304]) -> (bf16[1024,1024], s8[65536]) {
+  %p0 = bf16[1024,1024]{1,0} parameter(0)
+  %p1 = s8[4194304]{0} parameter(1)
+  %cs = (bf16[1024,1024]{1,0:S(1)}, bf16[1024,1024]{1,0}, u32[]{:S(2)}) copy-start(%p0)
+  %cd = bf16[1024,1024]{1,0:S(1)} copy-done(%cs)
+  %ss = ((s8[4194304]{0}), s8[65536]{0:S(1)}, s32[]) slice-start(%p1), slice={[0:65536]}
+  %sd = s8[65536]{0:S(1)} slice-done(%ss)
+  %neg = bf16[1024,1024]{1,0} negate(%cd)
+  ROOT %t = (bf16[1024,1024]{1,0}, s8[65536]{0:S(1)}) tuple(%neg, %sd)
+}
+"""
+
+
+def test_bytes_count_hbm_traffic_only():
+    """A prefetch into on-chip memory (S(1)) reads HBM once and writes nothing there; an async slice reads only
+    its slice; an op reading the prefetched copy reads nothing from HBM."""
+    from mme5_jax.plan.hlo_cost import loop_aware_cost
+
+    cost = loop_aware_cost(ON_CHIP_HLO)
+    weight = 1024 * 1024 * 2
+    assert cost.bytes_accessed == weight + 65536 + weight  # copy-start's read, the slice, negate's write
+    assert cost.bytes_by_kind["layout copies"] == weight and cost.bytes_by_kind["slices and updates"] == 65536
+
+
 def _write(tmp_path, name, tree):
     path = tmp_path / name
     path.write_text(yaml.safe_dump(tree))

@@ -51,7 +51,8 @@ COLLECTIVES = frozenset({"all-gather", "all-gather-start", "all-reduce", "all-re
                          "all-to-all", "collective-permute", "collective-permute-start", "ragged-all-to-all"})
 SLICES = frozenset({"dynamic-slice", "slice", "gather"})
 LAYOUT = frozenset({"copy", "copy-start", "transpose", "reshape", "broadcast"})
-MOVES = frozenset({"dynamic-slice", "slice", "gather", "dynamic-update-slice", "scatter", "pad", "concatenate"})
+MOVES = frozenset({"dynamic-slice", "slice", "slice-start", "gather", "dynamic-update-slice", "scatter", "pad",
+                   "concatenate"})
 BYTE_KINDS = ("matmul fusions", "attention kernels", "other fusions", "layout copies", "slices and updates",
               "collectives", "other")
 
