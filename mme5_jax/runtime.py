@@ -4,6 +4,7 @@ checkpoint writers.
 Some settings (XLA flags, the host CPU device count, CPU collectives, joining other processes) only take effect
 before JAX starts a backend, so every entry point applies them through `start_jax` first thing.
 """
+import logging
 import os
 import signal
 import threading
@@ -11,6 +12,8 @@ import threading
 import jax
 from jax._src import xla_bridge
 from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
 
 
 def start_jax(*, xla_flags=None, cpu_devices=None, cpu_collectives=None, coordinator_address=None,
@@ -34,6 +37,25 @@ def start_jax(*, xla_flags=None, cpu_devices=None, cpu_collectives=None, coordin
     elif auto_detect:
         jax.distributed.initialize()
     return True
+
+
+def use_compilation_cache(path) -> None:
+    """Compiled executables are written under `path` and read back by any later process that compiles the same
+    program for the same devices (JAX keeps compiles of 1 s or more). Each read is logged. JAX opens the cache at
+    a process's first compile, so in a process that has compiled before, the directory it opened stays in use."""
+    global _logging_cache_hits
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    if not _logging_cache_hits:
+        jax.monitoring.register_event_listener(_log_cache_hit)
+        _logging_cache_hits = True
+
+
+def _log_cache_hit(event, **_):
+    if event == "/jax/compilation_cache/cache_hits":
+        log.info("compilation cache: an executable was read back instead of compiled")
+
+
+_logging_cache_hits = False
 
 
 def sync(name: str):

@@ -71,6 +71,8 @@ def test_killed_runs_resume_bit_identically(inputs):
     result = subprocess.run(train_command(chain), env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "finished at step 8" in result.stdout
+    # The killed launches compiled the same train step into output_dir/compile_cache: the relaunch reads it back.
+    assert "compilation cache: an executable was read back instead of compiled" in result.stderr
 
     ours = saved_state(os.path.join(output_dir, "checkpoints", str(STEPS)))
     expected = saved_state(os.path.join(str(inputs / "reference"), "checkpoints", str(STEPS)))

@@ -6,7 +6,6 @@ softmax and RoPE run in float32 whatever the compute dtype, as in Hugging Face.
 """
 import contextlib
 import functools
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -355,14 +354,6 @@ class Stack(nnx.Module):
         self.num_layers = n
         self.remat = remat
 
-    def _remat(self, fn):
-        if self.remat == "none":
-            return fn
-        policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[self.remat])
-        if self.remat == "full_keep_attention":
-            policy = policy(ATTENTION_RESIDUALS)
-        return jax.checkpoint(fn, policy=policy, prevent_cse=False)
-
     def __call__(self, x, *args, collect: bool = False):
         """Applies the layers in order -> (x, collected): with `collect`, each layer returns (x, extra) and the
         extras come back stacked on a leading axis."""
@@ -374,33 +365,9 @@ class Stack(nnx.Module):
                 return layer(carry, *args, collect=True)
             return layer(carry, *args), None
 
-        return jax.lax.scan(self._remat(body), x, state)
-
-    @staticmethod
-    def chain(stacks, x, *args):
-        """Applies stacks of one layer type in order as a single scan -> (x, [x after each stack]).
-
-        The TPU compiler compiles every scan body on its own, so the vision tower's six segments (split where HF
-        keeps intermediate outputs) cost six copies of the layer per pass as separate scans. Here the outputs
-        ride in the carry, one buffer slot per stack but the last and a spare slot for the other layers, and the
-        buffer update sits outside the rematerialised layer, so the backward pass keeps no copy of it."""
-        graphdef = nnx.split(stacks[0].layers)[0]
-        state = jax.tree.map(lambda *parts: jnp.concatenate(parts), *[nnx.split(s.layers)[1] for s in stacks])
-        ends = list(itertools.accumulate(s.num_layers for s in stacks))[:-1]
-        spare = len(ends)
-        slots = [ends.index(i + 1) if i + 1 in ends else spare for i in range(sum(s.num_layers for s in stacks))]
-
-        def layer(carry, layer_state):
-            return nnx.merge(graphdef, layer_state)(carry, *args)
-
-        layer = stacks[0]._remat(layer)
-
-        def body(carry, inputs):
-            h, outputs = carry
-            layer_state, slot = inputs
-            h = layer(h, layer_state)
-            return (h, jax.lax.dynamic_update_index_in_dim(outputs, h, slot, 0)), None
-
-        outputs = jnp.zeros((spare + 1, *x.shape), x.dtype)
-        (x, outputs), _ = jax.lax.scan(body, (x, outputs), (state, jnp.asarray(slots, jnp.int32)))
-        return x, [outputs[i] for i in range(spare)] + [x]
+        if self.remat != "none":
+            policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[self.remat])
+            if self.remat == "full_keep_attention":
+                policy = policy(ATTENTION_RESIDUALS)
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        return jax.lax.scan(body, x, state)

@@ -70,8 +70,7 @@ class VisionLayer(nnx.Module):
 
 
 def local_segments(cfg: VisionConfig):
-    """Splits the local encoder at the intermediate-output layers: [(start, stop)]. The parameters hold one `Stack`
-    per segment (checkpoints and adapter paths name them); `Stack.chain` runs them as one scan."""
+    """Splits the local encoder at the intermediate-output layers, so each segment is one scan: [(start, stop)]."""
     bounds, start = [], 0
     for i in cfg.intermediate_layers_indices:
         bounds.append((start, i + 1))
@@ -140,7 +139,10 @@ class VisionModel(nnx.Module):
         valid = aspect_ratio_mask.astype(bool)[:, :, None] & (jnp.arange(n_pad) < n_patch)[None, None, :]
         mask = PaddingPairMask(~valid.reshape(b, t * n_pad))
 
-        x, intermediates = Stack.chain(list(self.local_segments), x, mask)
+        intermediates = []
+        for segment in self.local_segments:
+            x, _ = segment(x, mask)
+            intermediates.append(x)
         intermediates = intermediates[: len(cfg.intermediate_layers_indices)]
         x = self.layernorm_post(x)
         x = x.reshape(b, t, n_pad, d)

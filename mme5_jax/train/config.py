@@ -90,7 +90,10 @@ class TrainSection:
     `contrastive_group` G: InfoNCE within each group of G consecutive examples of the global batch (each query
     against its group's G positives and its own hard negatives), averaged over all queries; G must divide
     `data.global_batch_size`. None: one InfoNCE over the exact global batch. 16 is mmE5's own setting (2 pairs per
-    GPU all-gathered over 8 GPUs)."""
+    GPU all-gathered over 8 GPUs).
+
+    `compilation_cache`: keep compiled executables in `output_dir/compile_cache`, so a relaunch (after preemption,
+    or a run resumed on the same slice) reads the train step's executable back instead of compiling it again."""
 
     steps: int | None = None
     epochs: float | None = None
@@ -106,6 +109,7 @@ class TrainSection:
     chunk_size: int | None = None
     contrastive_group: int | None = None
     max_nonfinite_steps: int = 10
+    compilation_cache: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,8 @@ def start(config):
     runtime.start_jax(xla_flags=mesh.xla_flags, cpu_devices=mesh.cpu_devices, cpu_collectives=dist.cpu_collectives,
                       coordinator_address=address, num_processes=num_processes, process_id=process_id,
                       auto_detect=dist.auto_detect)
+    if config.train.compilation_cache:
+        runtime.use_compilation_cache(Path(config.output_dir).absolute() / "compile_cache")
     if mesh.cpu_devices and jax.default_backend() == "cpu" and jax.local_device_count() != mesh.cpu_devices:
         raise TrainConfigError(f"mesh.cpu_devices: {mesh.cpu_devices} asked for, but JAX already started with "
                                f"{jax.local_device_count()} CPU devices in this process")
