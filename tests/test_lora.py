@@ -120,3 +120,36 @@ def test_dropout_keep_mask_rate_and_independence():
     np.testing.assert_array_equal(np.asarray(lora.keep_mask(jax.random.key_data(keys), shape, rate)), mask)
     np.testing.assert_array_equal(np.asarray(lora.keep_mask(keys[3:5], shape, rate)), mask[3:5])
     assert np.asarray(lora.keep_mask(keys, (7,), 0.0)).all()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dora_gradient_rule_equals_autodiff_of_peft_formula(dropout):
+    """The hand-written DoRA gradient (`lora._dora`) against autodiff of PEFT's expression
+    x W + (g - 1) x' W + g s x' A B, in float64: values, and gradients for x, W, A, B and the magnitude."""
+    scale = 4.0
+    keys = jax.random.split(jax.random.key(2), 5) if dropout else None
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        w, a, b = (jnp.asarray(rng.standard_normal(shape)) for shape in ((24, 20), (24, 3), (3, 20)))
+        m = jnp.linalg.norm(w, axis=0) * jnp.asarray(1 + 0.2 * rng.standard_normal(20))
+        x, probe = jnp.asarray(rng.standard_normal((5, 7, 24))), jnp.asarray(rng.standard_normal((5, 7, 20)))
+
+        def gain(w, a, b, m):
+            return m / jax.lax.stop_gradient(jnp.linalg.norm(w + scale * a @ b, axis=0))
+
+        def reference(w, a, b, m, x):
+            x_drop = x if keys is None else jnp.where(lora.keep_mask(keys, x.shape[1:], dropout), x / (1 - dropout), 0)
+            g = gain(w, a, b, m)
+            return x @ w + (g - 1) * (x_drop @ w) + g * scale * (x_drop @ a @ b)
+
+        def ours(w, a, b, m, x):
+            return lora._dora(x, x @ w, w, a, b, gain(w, a, b, m), keys, scale, dropout)
+
+        params = (w, a, b, m, x)
+        np.testing.assert_allclose(ours(*params), reference(*params), rtol=1e-12, atol=1e-12)
+        want_grads = jax.grad(lambda *p: jnp.sum(reference(*p) * probe), argnums=range(5))(*params)
+        got_grads = jax.grad(lambda *p: jnp.sum(ours(*p) * probe), argnums=range(5))(*params)
+        for name, got, want in zip(("W", "A", "B", "magnitude", "x"), got_grads, want_grads):
+            assert float(jnp.max(jnp.abs(want))) > 0, name
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * float(jnp.max(jnp.abs(want))),
+                                       err_msg=name)

@@ -7,6 +7,7 @@ a real chip); the embedding forward; the CLI's errors.
 """
 import importlib.util
 import json
+import re
 
 import pytest
 import yaml
@@ -265,3 +266,34 @@ def test_missing_libtpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(topology.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RuntimeError, match=r"mme5-jax\[tpu\]"):
         topology.require_libtpu()
+
+
+@pytest.mark.parametrize("topology, dkv_block", [("v5p:2x2x1", 384), ("v6e:2x2", 4224)])
+def test_fused_backward_key_blocks_fit_each_chips_vmem(topology, dkv_block):
+    """The 11B cross-attention's backward (32 query heads over 8 KV heads, 256 text rows, 4 tiles of 1032 vision
+    tokens, bfloat16, 20 rows per chip as in the v5p-64 plan) compiles for each chip: its key block is the whole
+    padded sequence where the scoped VMEM holds it (v6e, 32 MiB) and the forward's block where it does not (v5p,
+    16 MiB: libtpu counts 17.16 MiB at the whole sequence here)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from mme5_jax.model import splash
+    from mme5_jax.model.masks import TileMask
+    from mme5_jax.plan.topology import abstract_devices
+    from mme5_jax.sharding import make_mesh
+
+    mesh = make_mesh(4, devices=abstract_devices(parse_topology(topology)))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    q = jax.ShapeDtypeStruct((80, 256, 32, 128), jnp.bfloat16, sharding=rows)
+    kv = jax.ShapeDtypeStruct((80, 4 * 1032, 8, 128), jnp.bfloat16, sharding=rows)
+    tiles = jax.ShapeDtypeStruct((80, 256, 4), jnp.bool_, sharding=rows)
+
+    def loss(q, k, v, tiles):
+        out = splash.splash_attention(q, k, v, TileMask(tiles, 1032), placement=("data", None, None))
+        return jnp.sum(out.astype(jnp.float32))
+
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, tiles).compile()
+    blocks = {int(b) for b in re.findall(r'\\"block_kv_dkv\\": (\d+)', compiled.as_text())}
+    assert blocks == {dkv_block}

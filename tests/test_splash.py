@@ -118,13 +118,21 @@ def test_splash_in_scanned_remat_layers_matches_blocked_attention():
 
 
 def test_block_sizes_pad_to_lanes_and_divide():
-    q_pad, k_pad, sizes = splash.block_sizes(4 * 1032, 4 * 1032)  # the 11B vision sequence: 4 tiles of 1032
+    v6e = 32 << 20
+    q_pad, k_pad, sizes = splash.block_sizes(4 * 1032, 4 * 1032, 80, 2, v6e)  # 11B vision: 4 tiles of 1032
     assert (q_pad, k_pad, sizes.block_q, sizes.block_kv) == (4224, 4224, 384, 384)
-    q_pad, k_pad, sizes = splash.block_sizes(200, 4 * 1601)  # text rows over 4 tiles of 1601 vision tokens
-    assert (q_pad, k_pad, sizes.block_q, sizes.block_kv) == (256, 6528, 256, 384)
-    for length in range(1, 5000, 37):
-        padded, _, sizes = splash.block_sizes(length, length)
-        assert padded % 128 == 0 and 0 <= padded - length < 128 and padded % sizes.block_q == 0
+    assert (sizes.block_kv_dkv, sizes.block_kv_dkv_compute) == (4224, 384)  # one partial dq per query block
+    assert splash.block_sizes(4 * 1032, 4 * 1032, 80, 2, 16 << 20)[2].block_kv_dkv == 384  # v5p: 4224 does not fit
+    q_pad, k_pad, sizes = splash.block_sizes(200, 4 * 1601, 128, 2, v6e)  # text rows over 4 tiles of 1601 tokens
+    assert (q_pad, k_pad, sizes.block_q, sizes.block_kv, sizes.block_kv_dkv) == (256, 6528, 256, 384, 384)
+    for length in range(1, 9000, 37):
+        for head_dim, itemsize, vmem in ((80, 2, v6e), (128, 4, 16 << 20)):
+            padded, _, sizes = splash.block_sizes(length, length, head_dim, itemsize, vmem)
+            assert padded % 128 == 0 and 0 <= padded - length < 128 and padded % sizes.block_q == 0
+            assert padded % sizes.block_kv_dkv == 0 and sizes.block_kv_dkv % sizes.block_kv_dkv_compute == 0
+            assert (sizes.block_kv_dkv == sizes.block_kv
+                    or splash.dkv_vmem_bytes(sizes.block_q, sizes.block_kv_dkv, 128, itemsize)
+                    <= splash.VMEM_SHARE * vmem)
 
 
 def test_splash_applies_only_where_it_is_exact():

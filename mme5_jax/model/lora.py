@@ -7,11 +7,13 @@ x' = dropout(x):
     DoRA:  x W + (g - 1) x' W + g s x' A B,   g = m / stop_gradient(||W + s A B||)   (norm per output unit)
 
 which is PEFT's `_apply_dora`: the weight norm is detached and the magnitude term multiplies W by the dropped-out
-input. Adapters inside a scanned `Stack` carry the stack's leading layer axis, so the scan slices them with the
+input. DoRA's gradient is written by hand (`_dora`): the same matmuls as autodiff, a third less HBM traffic on
+TPU. Adapters inside a scanned `Stack` carry the stack's leading layer axis, so the scan slices them with the
 base kernel. Dropout draws one key per (adapted module, layer, example row) from a step key, so a row's mask does
 not depend on how the batch is chunked and GradCache's second forward sees the same masks as the first; the mask
 itself is a counter hash of the row's key (`keep_mask`).
 """
+import functools
 import math
 import re
 
@@ -69,31 +71,82 @@ class Adapter(nnx.Module):
         norm = jnp.linalg.norm(kernel.astype(jnp.float32) + jax.lax.stop_gradient(self.delta()), axis=-2)
         return self.magnitude[...] / jax.lax.stop_gradient(norm)
 
-    def _dropped(self, x):
-        if self.dropout_keys is None:
-            return x
-        keys = self.dropout_keys[...]
-        if keys.shape[0] != x.shape[0]:
-            raise ValueError(f"dropout keys cover {keys.shape[0]} rows but the adapted input has {x.shape[0]}")
-        keep = keep_mask(keys, x.shape[1:], self.dropout)
-        return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
-
     @scoped("adapter")
     def __call__(self, x, base, kernel, dtype):
         """`base` = x W (no bias), `kernel` = W; returns the adapted x W."""
         hi = jax.lax.Precision.HIGHEST
-        x_drop = self._dropped(x.astype(dtype))
+        keys = None if self.dropout_keys is None else self.dropout_keys[...]
+        if keys is not None and keys.shape[0] != x.shape[0]:
+            raise ValueError(f"dropout keys cover {keys.shape[0]} rows but the adapted input has {x.shape[0]}")
+        if self.kind == "dora":
+            return _dora(x.astype(dtype), base, kernel.astype(dtype), self.lora_a[...], self.lora_b[...],
+                         self.dora_gain(kernel), keys, self.scale, self.dropout)
+        x_drop = _dropped(x.astype(dtype), keys, self.dropout)
         # As 2-D rows, the gradients of A and B contract one token axis; over [batch, length] XLA:CPU transposed
         # the [tokens, out] gradient in memory first (the cpu_small text step was 1.4x slower).
         rows = x_drop.reshape(-1, x_drop.shape[-1])
         low = jnp.dot(jnp.dot(rows, self.lora_a[...].astype(dtype), precision=hi),
                       self.lora_b[...].astype(dtype), precision=hi) * jnp.asarray(self.scale, dtype)
-        low = low.reshape(*x_drop.shape[:-1], low.shape[-1])
-        if self.kind == "lora":
-            return base + low
-        gain = self.dora_gain(kernel).astype(dtype)
-        base_drop = base if self.dropout_keys is None else jnp.dot(x_drop, kernel.astype(dtype), precision=hi)
-        return base + (gain - 1) * base_drop + gain * low
+        return base + low.reshape(*x_drop.shape[:-1], low.shape[-1])
+
+
+def _dropped(x, keys, rate):
+    """Inverted dropout of x [rows, ...] with each row's key; the identity without keys."""
+    if keys is None:
+        return x
+    return jnp.where(keep_mask(keys, x.shape[1:], rate), x / (1.0 - rate), 0).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _dora(x, base, kernel, a, b, gain, keys, scale, rate):
+    """PEFT's DoRA output base + (g - 1) x' W + g s x' A B (x' = dropout(x), g = `gain` per output unit), with a
+    hand-written gradient. Autodiff of that expression, on an 11B vision layer compiled for TPU, moved about 40
+    activation-sized arrays through HBM per adapted module in forward, recompute and backward (the DoRA adapters
+    were 43% of the layer's bytes); this rule moves about 27 and runs the same matmuls (the layer's bytes fell 18%).
+    With dropout, the input's gradient through both adapter terms is one matmul with the weight-space difference
+    W_delta = (g - 1) W + g s A B; without, x' W is `base` and only the low-rank path adds to it. The gain's gradient
+    reads the saved x' (W + s A B). Folding the whole adapter into the weights would move fewer bytes still, but
+    needs the full weight gradient x'^T dy: one more matmul per adapted module (4% more FLOPs on a vision layer,
+    more in the decoder, whose adapted modules hold half its weights), and the 11B step is compute-bound on v5p."""
+    return _dora_forward(x, base, kernel, a, b, gain, keys, scale, rate)[0]
+
+
+def _dora_forward(x, base, kernel, a, b, gain, keys, scale, rate):
+    hi = jax.lax.Precision.HIGHEST
+    dtype = base.dtype
+    x_drop = _dropped(x, keys, rate)
+    hidden = jnp.einsum("...i,ir->...r", x_drop, a.astype(dtype), precision=hi)
+    low = jnp.einsum("...r,ro->...o", hidden, b.astype(dtype), precision=hi) * jnp.asarray(scale, dtype)
+    base_drop = base if keys is None else jnp.dot(x_drop, kernel, precision=hi)
+    g = gain.astype(dtype)
+    return base + (g - 1) * base_drop + g * low, (x, kernel, a, b, gain, keys, hidden, base_drop + low)
+
+
+def _dora_backward(scale, rate, residuals, d_out):
+    x, kernel, a, b, gain, keys, hidden, adapted = residuals
+    hi = jax.lax.Precision.HIGHEST
+    dtype, tokens = d_out.dtype, tuple(range(d_out.ndim - 1))
+    acc = jnp.promote_types(dtype, jnp.float32)  # what the parameter gradients accumulate in
+    d_gain = jnp.sum((d_out * adapted).astype(acc), axis=tokens)
+    d_low = d_out * (gain * scale).astype(dtype)
+    d_b = jnp.einsum("...r,...o->ro", hidden, d_low, precision=hi, preferred_element_type=acc)
+    d_hidden = jnp.einsum("...o,ro->...r", d_low, b.astype(dtype), precision=hi)
+    x_drop = _dropped(x, keys, rate)
+    d_a = jnp.einsum("...i,...r->ir", x_drop, d_hidden, precision=hi, preferred_element_type=acc)
+    if keys is None:  # x' W is `base` itself: its gradient leaves through `base`, W's with it
+        d_x = jnp.einsum("...r,ir->...i", d_hidden, a.astype(dtype), precision=hi)
+        d_base, d_kernel = d_out * gain.astype(dtype), None
+    else:
+        w_delta = (gain - 1) * kernel.astype(acc) + gain * scale * jnp.matmul(a, b, precision=hi)
+        d_x = _dropped(jnp.einsum("...o,io->...i", d_out, w_delta.astype(dtype), precision=hi), keys, rate)
+        d_kernel = jnp.einsum("...i,...o->io", x_drop, d_out * (gain - 1).astype(dtype), precision=hi,
+                              preferred_element_type=acc).astype(kernel.dtype)
+        d_base = d_out
+    return (d_x.astype(x.dtype), d_base, d_kernel, d_a.astype(a.dtype), d_b.astype(b.dtype), d_gain.astype(gain.dtype),
+            None)
+
+
+_dora.defvjp(_dora_forward, _dora_backward)
 
 
 def _mix32(h):

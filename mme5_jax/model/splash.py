@@ -41,6 +41,13 @@ LANES = 128
 # Block sizes tried, largest first: 512 keeps the MXU busy on every TPU generation while a [512, 512] float32 score
 # block and its q/k/v blocks stay well inside VMEM; 384 divides 4224, the padded 4-tile vision sequence.
 BLOCK_CANDIDATES = (512, 384, 256, 128)
+# Scoped VMEM a Mosaic kernel may allocate by default, per TPU generation (a substring of the device kind, lower
+# case; first match wins): a kernel that exceeds it fails to compile, and libtpu names the limit (16 MiB on v5e
+# and v5p, 32 MiB on v6e).
+SCOPED_VMEM_BYTES = (("tpu v6", 32 << 20),)
+DEFAULT_SCOPED_VMEM_BYTES = 16 << 20
+# Share of that limit the fused backward's blocks may take: the rest is for the kernel's own intermediates.
+VMEM_SHARE = 7 / 8
 # Segment ids are int32 and a query's id is its tile set as a bit field.
 MAX_TILES = 30
 # The vision bias lane: exact in bfloat16, and far below any score (|q.k| / sqrt(d) is tens at most).
@@ -55,16 +62,41 @@ def _block(padded_len):
     return next(b for b in BLOCK_CANDIDATES if padded_len % b == 0)
 
 
-def block_sizes(q_len, k_len):
+def scoped_vmem_bytes():
+    """The default scoped VMEM of the TPU traced for: the mesh's devices (abstract ones too, as an ahead-of-time
+    compile for a topology has), else the default device's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    kind = (device.device_kind if device is not None else jax.devices()[0].device_kind).lower()
+    return next((limit for key, limit in SCOPED_VMEM_BYTES if key in kind), DEFAULT_SCOPED_VMEM_BYTES)
+
+
+def dkv_vmem_bytes(bq, bkv_dkv, head_dim, itemsize):
+    """VMEM the fused backward's blocks take: double-buffered k, v, their gradients and their float32 accumulators
+    per key block, lane-wide int32 key ids, and the query block's q, dO, dq, dq accumulator and statistics
+    (libtpu's own count depends on the program around the kernel: at bq 256, 4224 keys, head dim 128, bfloat16,
+    this gives 21.30 MiB, libtpu 21.27 MiB in the 11B v5p-64 step and 17.16 MiB alone at 20 rows a chip)."""
+    per_key = 2 * (2 * head_dim * itemsize + 2 * head_dim * itemsize + 2 * head_dim * 4 + LANES * 4)
+    per_query = 2 * (2 * head_dim * itemsize + head_dim * itemsize + head_dim * 4 + 3 * 8 * 4)
+    return bkv_dkv * per_key + bq * per_query
+
+
+def block_sizes(q_len, k_len, head_dim=LANES, itemsize=2, scoped_vmem=DEFAULT_SCOPED_VMEM_BYTES):
     """-> (padded query length, padded key length, kernel BlockSizes): lengths rounded up to a multiple of 128
     (the kernel's lane width), and per sequence the largest candidate block that divides its padded length, so
-    padding never exceeds 127 positions. Forward and backward kernels use the same blocks. The backward is one
-    fused kernel (dq with dk and dv): 5 matmuls a block instead of 3 + 4 in separate dq and dk/dv kernels, which
-    both recompute the scores and the probabilities' gradient."""
+    padding never exceeds 127 positions. The backward is one fused kernel (dq with dk and dv): 5 matmuls a block
+    instead of 3 + 4 in separate dq and dk/dv kernels, which both recompute the scores and the probabilities'
+    gradient. It computes in the forward's blocks, but loads keys in the longest multiple of them that divides
+    the padded length and fits `VMEM_SHARE` of `scoped_vmem`: it writes one partial dq per key block and sums
+    them after (at 384-blocks, the 11B vision tower's 11 partials were 11% of a layer's HBM bytes on v6e)."""
     q_pad, k_pad = _round_up(q_len, LANES), _round_up(k_len, LANES)
     bq, bkv = _block(q_pad), _block(k_pad)
+    d_pad = _round_up(head_dim, LANES)
+    fits = [m for m in range(bkv, k_pad + 1, bkv)
+            if k_pad % m == 0 and dkv_vmem_bytes(bq, m, d_pad, itemsize) <= VMEM_SHARE * scoped_vmem]
     sizes = kernel_lib.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
-                                  block_kv_dkv=bkv, block_kv_dkv_compute=bkv, use_fused_bwd_kernel=True)
+                                  block_kv_dkv=max(fits, default=bkv), block_kv_dkv_compute=bkv,
+                                  use_fused_bwd_kernel=True)
     return q_pad, k_pad, sizes
 
 
@@ -138,7 +170,7 @@ def _local_attention(q, k, v, mask, interpret):
     """`splash_attention` of the rows and heads at hand."""
     b, q_len, heads, head_dim = q.shape
     k_len = k.shape[1]
-    q_pad, k_pad, sizes = block_sizes(q_len, k_len)
+    q_pad, k_pad, sizes = block_sizes(q_len, k_len, head_dim, q.dtype.itemsize, scoped_vmem_bytes())
     d_pad = _round_up(head_dim, LANES)
     q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
 
