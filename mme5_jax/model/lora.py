@@ -7,11 +7,11 @@ x' = dropout(x):
     DoRA:  x W + (g - 1) x' W + g s x' A B,   g = m / stop_gradient(||W + s A B||)   (norm per output unit)
 
 which is PEFT's `_apply_dora`: the weight norm is detached and the magnitude term multiplies W by the dropped-out
-input. DoRA's gradient is written by hand (`_dora`): the same matmuls as autodiff, a third less HBM traffic on
-TPU. Adapters inside a scanned `Stack` carry the stack's leading layer axis, so the scan slices them with the
-base kernel. Dropout draws one key per (adapted module, layer, example row) from a step key, so a row's mask does
-not depend on how the batch is chunked and GradCache's second forward sees the same masks as the first; the mask
-itself is a counter hash of the row's key (`keep_mask`).
+input. DoRA's gradient is written by hand (`_dora`): the same matmuls as autodiff, a third less of the adapters' HBM
+traffic on TPU. Adapters inside a scanned `Stack` carry the stack's leading layer axis, so the scan slices them with
+the base kernel. Dropout draws one key per (adapted module, layer, example row) from a step key, so a row's mask
+does not depend on how the batch is chunked and GradCache's second forward sees the same masks as the first; the
+mask itself is a counter hash of the row's key (`keep_mask`).
 """
 import functools
 import math

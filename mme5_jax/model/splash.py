@@ -81,7 +81,7 @@ def dkv_vmem_bytes(bq, bkv_dkv, head_dim, itemsize):
     return bkv_dkv * per_key + bq * per_query
 
 
-def block_sizes(q_len, k_len, head_dim=LANES, itemsize=2, scoped_vmem=DEFAULT_SCOPED_VMEM_BYTES):
+def block_sizes(q_len, k_len, head_dim, itemsize, scoped_vmem):
     """-> (padded query length, padded key length, kernel BlockSizes): lengths rounded up to a multiple of 128
     (the kernel's lane width), and per sequence the largest candidate block that divides its padded length, so
     padding never exceeds 127 positions. The backward is one fused kernel (dq with dk and dv): 5 matmuls a block
